@@ -102,6 +102,8 @@ def parse_path(raw_path: str) -> PathRequest:
             if kind is Kind.BLOB or ":" in ref:
                 return PathRequest(kind, name, Digest.parse(ref))
             return PathRequest(kind, name, validate_tag(ref))
+    if any(seg in (".", "..") for seg in tail.split("/")):
+        raise OciError(Code.NAME_INVALID, "dot segments are not accepted")
     raise OciError(Code.NAME_UNKNOWN, "unknown registry API endpoint")
 
 

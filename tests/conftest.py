@@ -1,0 +1,118 @@
+"""Shared fixtures: a real docker-registry, the in-process fake upstream, and ocicache itself
+served in-process on a loopback port (so real clients, run as subprocesses, can reach it)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy import keys
+from proxy.app import create_app
+from proxy.config import Settings, UpstreamConfig
+from proxy.logs import configure
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.registry import Registry, running_registry
+
+configure("warning", "console")
+
+
+@dataclass
+class Proxy:
+    server: TestServer
+    settings: Settings
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def app(self) -> web.Application:
+        return self.server.app
+
+    def cached(self) -> set[str]:
+        """Digests the cache holds."""
+        storage = self.app[keys.STORAGE]
+        return {str(b.digest) for b in storage.scan()}
+
+    def temp_files(self) -> list[Path]:
+        return list(self.app[keys.STORAGE].tmp.iterdir())
+
+
+StartProxy = Callable[..., Awaitable[Proxy]]
+
+
+def make_settings(cache_dir: Path, upstreams: dict[str, str], **overrides: Any) -> Settings:
+    ups = tuple(UpstreamConfig(name, url) for name, url in upstreams.items())
+    return replace(Settings(), cache_dir=cache_dir, upstreams=ups, listen_host="127.0.0.1", **overrides)
+
+
+@pytest.fixture
+async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
+    servers: list[TestServer] = []
+
+    async def start(
+        upstreams: dict[str, str] | None = None,
+        *,
+        settings: Settings | None = None,
+        cache_dir: Path | None = None,
+        **overrides: Any,
+    ) -> Proxy:
+        if settings is None:
+            assert upstreams is not None
+            settings = make_settings(cache_dir or tmp_path / "cache", upstreams, **overrides)
+        server = TestServer(create_app(settings), host="127.0.0.1", port=0)
+        await server.start_server()
+        servers.append(server)
+        return Proxy(server, settings)
+
+    yield start
+    for server in reversed(servers):
+        await server.close()
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    with running_registry(tmp_path / "registry") as reg:
+        yield reg
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeUpstream]:
+    async with FakeUpstream() as upstream:
+        yield upstream
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120), auto_decompress=False) as s:
+        yield s
+
+
+async def raw_request(
+    port: int, request_line: str, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    """Send one request byte for byte (clients normalise paths like /v2/../..; we must not)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        lines = [request_line, "Host: 127.0.0.1", "Connection: close"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), timeout=30)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, body

@@ -1,0 +1,203 @@
+"""The pull API end to end through ocicache, against the in-process fake upstream."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import aiohttp
+import pytest
+
+from tests.conftest import StartProxy, raw_request
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.images import MANIFEST_ACCEPT, OCI_MANIFEST, make_image
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def assert_oci_error(body: bytes, code: str) -> None:
+    doc = json.loads(body)
+    assert doc["errors"][0]["code"] == code
+    assert {"code", "message", "detail"} <= set(doc["errors"][0])
+
+
+async def test_base_endpoint(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy({"docker.io": fake.url})
+    async with session.get(f"{proxy.url}/v2/") as resp:
+        assert resp.status == 200
+        assert resp.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+        assert await resp.json() == {}
+
+
+BAD_REQUESTS = [
+    ("GET /v2/../../etc/passwd HTTP/1.1", {}, 400, "NAME_INVALID"),
+    ("GET /v2/%2e%2e/%2e%2e/etc/passwd/manifests/latest HTTP/1.1", {}, 400, "NAME_INVALID"),
+    ("GET /v2/library%2Falpine/manifests/latest HTTP/1.1", {}, 400, "NAME_INVALID"),
+    ("GET /v2/library/alpine/blobs/sha256:../../x HTTP/1.1", {}, 400, "DIGEST_INVALID"),
+    ("GET /v2/library/alpine/blobs/sha256:abc HTTP/1.1", {}, 400, "DIGEST_INVALID"),
+    (f"GET /v2/library/alpine/blobs/sha256:{'z' * 64} HTTP/1.1", {}, 400, "DIGEST_INVALID"),
+    (f"GET /v2/library/alpine/blobs/sha256:{'A' * 64} HTTP/1.1", {}, 400, "DIGEST_INVALID"),
+    (f"GET /v2/library/alpine/blobs/md5:{'a' * 32} HTTP/1.1", {}, 400, "DIGEST_INVALID"),
+    ("GET /v2/Library/Alpine/manifests/latest HTTP/1.1", {}, 400, "NAME_INVALID"),
+    ("GET /v2/library//alpine/manifests/latest HTTP/1.1", {}, 400, "NAME_INVALID"),
+    ("GET /v2/library/alpine//manifests/latest HTTP/1.1", {}, 400, "NAME_INVALID"),
+    (f"GET /v2/{'a' * 300}/manifests/latest HTTP/1.1", {}, 400, "NAME_INVALID"),
+    ("GET /v2/library/alpine/manifests/-latest HTTP/1.1", {}, 400, "TAG_INVALID"),
+    (f"GET /v2/library/alpine/manifests/{'t' * 200} HTTP/1.1", {}, 400, "TAG_INVALID"),
+    ("GET /etc/passwd HTTP/1.1", {}, 404, "NAME_UNKNOWN"),
+    ("POST /v2/library/alpine/blobs/uploads/ HTTP/1.1", {"Content-Length": "0"}, 405, "UNSUPPORTED"),
+    ("PUT /v2/library/alpine/manifests/latest HTTP/1.1", {"Content-Length": "0"}, 405, "UNSUPPORTED"),
+    ("PATCH /v2/library/alpine/blobs/uploads/x HTTP/1.1", {"Content-Length": "0"}, 405, "UNSUPPORTED"),
+    (f"DELETE /v2/library/alpine/blobs/sha256:{'a' * 64} HTTP/1.1", {}, 405, "UNSUPPORTED"),
+    ("GET /v2/library/alpine/tags/list?n=x HTTP/1.1", {}, 400, "PAGINATION_NUMBER_INVALID"),
+]
+
+
+@pytest.mark.parametrize(("line", "headers", "status", "code"), BAD_REQUESTS)
+async def test_bad_input_gets_a_4xx_oci_error_and_the_proxy_keeps_serving(
+    start_proxy: StartProxy, fake: FakeUpstream, line: str, headers: dict[str, str], status: int, code: str
+) -> None:
+    proxy = await start_proxy({"docker.io": fake.url})
+    got, body = await raw_request(proxy.server.port or 0, line, headers)
+    assert got == status
+    assert_oci_error(body, code)
+    assert b"Traceback" not in body
+    # Nothing reached upstream, and no file was created outside the cache's own layout.
+    assert fake.seen == []
+    assert sorted(os.listdir(proxy.settings.cache_dir)) == ["blobs", "records", "tmp"]
+    status_after, _ = await raw_request(proxy.server.port or 0, "GET /v2/ HTTP/1.1")
+    assert status_after == 200
+
+
+async def test_manifest_by_tag_and_digest(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    image = make_image(seed=5)
+    digest = fake.add_manifest("library/app", image.manifest, OCI_MANIFEST, tag="v1")
+    proxy = await start_proxy({"docker.io": fake.url})
+    for ref in ("v1", digest):
+        for method in ("GET", "HEAD"):
+            async with session.request(
+                method, f"{proxy.url}/v2/app/manifests/{ref}", headers={"Accept": MANIFEST_ACCEPT}
+            ) as resp:
+                assert resp.status == 200
+                assert resp.headers["Content-Type"] == OCI_MANIFEST
+                assert resp.headers["Docker-Content-Digest"] == digest
+                assert int(resp.headers["Content-Length"]) == len(image.manifest)
+                assert await resp.read() == (image.manifest if method == "GET" else b"")
+    # One GET for the tag (fresh afterwards) and none for the digest: it was stored by the first.
+    assert fake.count(origin="registry", method="GET", path_contains="/manifests/") == 1
+
+
+async def test_manifest_without_accept_asks_for_all_types(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    image = make_image(seed=6)
+    fake.add_manifest("library/app", image.manifest, OCI_MANIFEST, tag="v1")
+    proxy = await start_proxy({"docker.io": fake.url})
+    async with session.get(f"{proxy.url}/v2/library/app/manifests/v1") as resp:
+        assert resp.status == 200
+    sent = next(s for s in fake.seen if "/manifests/" in s.path)
+    accept = sent.headers.get("accept") or sent.headers.get("Accept", "")
+    for media_type in MANIFEST_ACCEPT.split(", "):
+        assert media_type in accept
+
+
+async def test_unknown_manifest_and_blob_are_404(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy({"docker.io": fake.url})
+    async with session.get(f"{proxy.url}/v2/library/app/manifests/nope") as resp:
+        assert resp.status == 404
+        assert_oci_error(await resp.read(), "MANIFEST_UNKNOWN")
+    async with session.get(f"{proxy.url}/v2/library/app/blobs/sha256:{'1' * 64}") as resp:
+        assert resp.status == 404
+        assert_oci_error(await resp.read(), "BLOB_UNKNOWN")
+
+
+async def test_manifest_fetched_by_digest_is_verified(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    image = make_image(seed=7)
+    digest = fake.add_manifest("library/app", image.manifest, OCI_MANIFEST)
+    # The fake now answers that digest with other bytes.
+    fake._manifests[("library/app", digest)] = (image.manifest + b" ", OCI_MANIFEST)
+    proxy = await start_proxy({"docker.io": fake.url})
+    async with session.get(f"{proxy.url}/v2/library/app/manifests/{digest}") as resp:
+        assert resp.status == 502
+        assert_oci_error(await resp.read(), "UPSTREAM_ERROR")
+    assert digest not in proxy.cached()
+
+
+async def test_blob_get_head_and_ranges(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    data = os.urandom(10_000)
+    digest = fake.add_blob(data)
+    proxy = await start_proxy({"docker.io": fake.url})
+    url = f"{proxy.url}/v2/library/app/blobs/{digest}"
+    async with session.get(url) as resp:  # cold
+        assert resp.status == 200
+        assert await resp.read() == data
+        assert resp.headers["Docker-Content-Digest"] == digest
+    assert digest in proxy.cached()
+    async with session.head(url) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Length"] == str(len(data))
+    async with session.get(url, headers={"Range": "bytes=100-199"}) as resp:
+        assert resp.status == 206
+        assert resp.headers["Content-Range"] == f"bytes 100-199/{len(data)}"
+        assert await resp.read() == data[100:200]
+    async with session.get(url, headers={"Range": "bytes=-10"}) as resp:
+        assert resp.status == 206
+        assert await resp.read() == data[-10:]
+    for bad in ("bytes=500-0", "bytes=50000-100000"):
+        async with session.get(url, headers={"Range": bad}) as resp:
+            assert resp.status == 416
+            assert resp.headers["Content-Range"] == f"bytes */{len(data)}"
+            assert_oci_error(await resp.read(), "RANGE_INVALID")
+    assert fake.count(origin="registry", method="GET", path_contains="/blobs/") == 1
+
+
+async def test_upstream_down_and_nothing_cached_is_503(
+    start_proxy: StartProxy, session: aiohttp.ClientSession, unused_tcp_port: int
+) -> None:
+    proxy = await start_proxy({"docker.io": f"http://127.0.0.1:{unused_tcp_port}"})
+    async with session.get(f"{proxy.url}/v2/library/app/manifests/v1") as resp:
+        assert resp.status == 503
+        assert_oci_error(await resp.read(), "UNAVAILABLE")
+    async with session.get(f"{proxy.url}/v2/library/app/blobs/sha256:{'2' * 64}") as resp:
+        assert resp.status == 503
+        assert_oci_error(await resp.read(), "UNAVAILABLE")
+
+
+async def test_upstream_429_is_429_with_retry_after(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    fake.rate_limit_next = 10
+    fake.retry_after = 42
+    proxy = await start_proxy({"docker.io": fake.url})
+    async with session.get(f"{proxy.url}/v2/library/app/manifests/v1") as resp:
+        assert resp.status == 429
+        assert resp.headers["Retry-After"] == "42"
+        assert_oci_error(await resp.read(), "TOOMANYREQUESTS")
+
+
+async def test_tags_list_clamps_n(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    for i in range(5):
+        fake.add_manifest("library/app", make_image(seed=i).manifest, OCI_MANIFEST, tag=f"t{i}")
+    proxy = await start_proxy({"docker.io": fake.url}, tags_page_max=3)
+    async with session.get(f"{proxy.url}/v2/library/app/tags/list?n=100000") as resp:
+        assert resp.status == 200
+        body = await resp.json()
+        assert len(body["tags"]) == 3
+        assert resp.headers["Link"].startswith("</v2/library/app/tags/list?")
+    sent = next(s for s in fake.seen if s.path.endswith("/tags/list"))
+    assert sent.query["n"] == "3"
