@@ -93,6 +93,12 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def _stop_fills(app: web.Application) -> None:
+    # Before aiohttp waits for running handlers: readers tailing a fill end (aborted) now,
+    # instead of holding shutdown until its timeout.
+    await app[keys.FILLS].close()
+
+
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     metrics = app[keys.METRICS]
@@ -147,6 +153,7 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = Metrics()
     app.cleanup_ctx.append(_resources)
+    app.on_shutdown.append(_stop_fills)
     app.router.add_route("*", "/v2/", handlers.base)
     app.router.add_route("*", "/v2/{tail:.*}", handlers.registry_api)
     app.router.add_get("/metrics", metrics_endpoint)

@@ -156,6 +156,9 @@ class Fills:
         self.on_finish = on_finish
         self._fills: dict[Digest, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Called with every fill a reader joins (after it counted the reader): for observers
+        # such as tests that must know when N clients share one download.
+        self.join_observers: list[Callable[[Fill], None]] = []
 
     def get(self, digest: Digest) -> Fill | None:
         return self._fills.get(digest)
@@ -176,6 +179,8 @@ class Fills:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         fill.acquire()
+        for observe in self.join_observers:
+            observe(fill)
         return fill, started
 
     def leave(self, fill: Fill) -> None:

@@ -54,6 +54,14 @@ def accepted_types(accept_headers: list[str]) -> list[str] | None:
     return types
 
 
+def upstream_accept(accept_headers: list[str]) -> str:
+    """What we ask upstream for: the client's media types, or every manifest type when it named
+    none (``*/*`` alone, which HTTP libraries send by default, names none). Registries answer a
+    request without their types with a schema 1 conversion or a 404."""
+    types = accepted_types(accept_headers)
+    return ", ".join(types) if types else DEFAULT_ACCEPT
+
+
 def media_type_of(body: bytes) -> str:
     try:
         value = json.loads(body).get("mediaType")
@@ -131,7 +139,7 @@ class ManifestStore:
         if stored is not None:
             body, media_type = stored
             return Served(body, media_type, digest, len(body), "hit")
-        accept = ", ".join(accept_headers) or DEFAULT_ACCEPT
+        accept = upstream_accept(accept_headers)
         reply = await upstream.manifest("GET", repository, str(digest), accept)
         if not verify_body(reply.body, digest):
             log.error(
@@ -157,7 +165,7 @@ class ManifestStore:
             body, media_type = stored
             return Served(body, media_type, Digest.parse(candidate["digest"]), len(body), "hit")
 
-        accept = ", ".join(accept_headers) or DEFAULT_ACCEPT
+        accept = upstream_accept(accept_headers)
         try:
             if candidate and stored:
                 # Revalidate what we have with a HEAD before paying for a GET.
