@@ -37,14 +37,21 @@ class Access:
             self._known[key] = True
             await asyncio.to_thread(self.storage.write_record, key, {"holds": True})
 
-    async def check(self, client: UpstreamClient, repository: str, digest: Digest) -> None:
-        """Return if ``repository`` on ``client`` may be given ``digest``; else BLOB_UNKNOWN."""
+    async def check(
+        self, client: UpstreamClient, repository: str, digest: Digest, *, manifest: bool = False
+    ) -> None:
+        """Return if ``repository`` on ``client`` may be given ``digest``; else *_UNKNOWN."""
         key = holder_key(client.name, repository, digest)
         if key in self._known:
             return
         if await asyncio.to_thread(self.storage.read_record, key) is not None:
             self._known[key] = True
             return
-        if not await client.blob_exists(repository, digest):
-            raise OciError(Code.BLOB_UNKNOWN, "blob unknown to repository", {"digest": str(digest)})
+        if manifest:
+            held = await client.manifest_exists(repository, digest)
+        else:
+            held = await client.blob_exists(repository, digest)
+        if not held:
+            code = Code.MANIFEST_UNKNOWN if manifest else Code.BLOB_UNKNOWN
+            raise OciError(code, "unknown to this repository", {"digest": str(digest)})
         await self.remember(client.name, repository, digest)

@@ -4,15 +4,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Final
 
 import aiohttp
 import structlog
 from aiohttp import web
+from yarl import URL
 
-from . import handlers, keys
+from . import credentials, handlers, keys
 from .access import Access
 from .cache import BlobCache
 from .config import Settings
@@ -21,7 +24,7 @@ from .fills import Fill, Fills, State
 from .manifests import ManifestStore
 from .metrics import CONTENT_TYPE, Metrics
 from .storage import Storage
-from .upstream import UpstreamClient
+from .upstream import GuardedResolver, UpstreamClient
 
 log = structlog.get_logger("ocicache.access")
 
@@ -127,25 +130,48 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         on_commit=on_commit,
         on_finish=on_finish,
     )
+    auths = await asyncio.to_thread(_read_docker_config, settings.docker_config)
     session = aiohttp.ClientSession(
         auto_decompress=False,  # the bytes we hash must be the bytes upstream stored
         read_bufsize=READ_BUFSIZE,
         headers={"User-Agent": USER_AGENT},
-        connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=60),
+        connector=aiohttp.TCPConnector(
+            limit=256, limit_per_host=64, ttl_dns_cache=60, resolver=GuardedResolver(_trusted_hosts(settings))
+        ),
         trust_env=False,
     )
     app[keys.STORAGE] = storage
     app[keys.CACHE] = cache
     app[keys.ACCESS] = access
     app[keys.FILLS] = fills
-    app[keys.MANIFESTS] = ManifestStore(storage, cache, settings.tag_ttl)
-    app[keys.UPSTREAMS] = {u.name: UpstreamClient(u, session, settings) for u in settings.upstreams}
+    app[keys.MANIFESTS] = ManifestStore(storage, cache, access, settings.tag_ttl)
+    app[keys.UPSTREAMS] = {
+        u.name: UpstreamClient(u, session, settings, credentials.lookup(auths, u.name, u.url))
+        for u in settings.upstreams
+    }
     try:
         yield
     finally:
         await fills.close()
         await cache.close()
         await session.close()
+
+
+def _read_docker_config(path: Path | None) -> dict[str, credentials.Credentials]:
+    if path is None:
+        return {}
+    try:
+        return credentials.parse_auths(json.loads(path.read_bytes()))
+    except (OSError, ValueError) as exc:
+        log.warning("docker_config_unreadable", path=str(path), error=str(exc))
+        return {}
+
+
+def _trusted_hosts(settings: Settings) -> frozenset[str]:
+    """Hosts we were configured with: these may live at private addresses."""
+    hosts = {URL(u.url).host or "" for u in settings.upstreams}
+    hosts |= {h.partition(":")[0] for u in settings.upstreams for h in u.realm_hosts}
+    return frozenset(h.lower() for h in hosts if h)
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -128,7 +128,7 @@ def realm_allowed(realm: URL, upstream: URL, extra_hosts: Iterable[str] = ()) ->
     return r_host == parent or r_host.endswith("." + parent)
 
 
-def _private_address(host: str) -> bool:
+def is_private_address(host: str) -> bool:
     if host in ("localhost",) or host.endswith(".localhost"):
         return True
     try:
@@ -154,9 +154,18 @@ def redirect_allowed(target: URL, upstream: URL) -> bool:
     """
     if target.scheme not in ("http", "https") or not target.host:
         return False
-    if not _private_address(target.host.lower()):
+    if not is_private_address(target.host.lower()):
         return True
-    return _private_address((upstream.host or "").lower())
+    return is_private_address((upstream.host or "").lower())
+
+
+def resolved_allowed(host: str, addresses: list[str], trusted_hosts: frozenset[str]) -> list[str]:
+    """The addresses a name may be dialled at. A name we were not configured with (a CDN a
+    redirect names) must not resolve us into loopback, link-local or private space: that is
+    how a hostile redirect reaches cloud metadata or the admin port of a neighbour."""
+    if host.lower() in trusted_hosts:
+        return addresses
+    return [a for a in addresses if not is_private_address(a)]
 
 
 def same_origin(a: URL, b: URL) -> bool:

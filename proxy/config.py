@@ -78,6 +78,8 @@ class Settings:
     cancel_abandoned_fills: bool = False
     log_level: str = "info"
     log_format: str = "json"
+    # A Docker config.json whose "auths" supply credentials to upstreams that have none.
+    docker_config: Path | None = None
 
     @property
     def default_upstream(self) -> UpstreamConfig:
@@ -239,6 +241,7 @@ PARSERS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "cancel_abandoned_fills": parse_bool,
     "log_level": parse_choice(("debug", "info", "warning", "error")),
     "log_format": parse_choice(("json", "console")),
+    "docker_config": lambda k, v: Path(str(v)).expanduser(),
 }
 _FIELD_OF: Final = {"max_cache_size": "max_cache_bytes"}
 

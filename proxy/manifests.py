@@ -20,6 +20,7 @@ from typing import Any, Final, Literal
 import structlog
 from cachetools import LRUCache
 
+from .access import Access
 from .cache import BlobCache
 from .errors import Code, OciError
 from .reference import Digest
@@ -76,9 +77,10 @@ def verify_body(body: bytes, digest: Digest) -> bool:
 
 
 class ManifestStore:
-    def __init__(self, storage: Storage, cache: BlobCache, tag_ttl: float) -> None:
+    def __init__(self, storage: Storage, cache: BlobCache, access: Access, tag_ttl: float) -> None:
         self.storage = storage
         self.cache = cache
+        self.access = access
         self.tag_ttl = tag_ttl
         # Mirrors of the on-disk records, so a warm tag costs no thread hop.
         self._records: LRUCache[str, dict[str, Any]] = LRUCache(maxsize=20000)
@@ -109,7 +111,10 @@ class ManifestStore:
         media_type = meta.get("media_type") if meta else None
         return body, media_type if isinstance(media_type, str) else media_type_of(body)
 
-    async def _keep(self, reply: ManifestReply, digest: Digest) -> None:
+    async def _keep(
+        self, upstream: UpstreamClient, repository: str, reply: ManifestReply, digest: Digest
+    ) -> None:
+        await self.access.remember(upstream.name, repository, digest)
         if digest not in self.cache:
             await asyncio.to_thread(self.storage.put_bytes, digest, reply.body)
             self.cache.add(digest, len(reply.body))
@@ -137,6 +142,8 @@ class ManifestStore:
     ) -> Served:
         stored = await self._stored(digest)
         if stored is not None:
+            # Stored through some repository; this one may see it once upstream says it holds it.
+            await self.access.check(upstream, repository, digest, manifest=True)
             body, media_type = stored
             return Served(body, media_type, digest, len(body), "hit")
         accept = upstream_accept(accept_headers)
@@ -146,7 +153,7 @@ class ManifestStore:
                 "manifest_digest_mismatch", upstream=upstream.name, repository=repository, digest=str(digest)
             )
             raise OciError(Code.UPSTREAM_ERROR, "upstream manifest does not match its digest")
-        await self._keep(reply, digest)
+        await self._keep(upstream, repository, reply, digest)
         return Served(reply.body, reply.media_type, digest, reply.size, "miss")
 
     async def _by_tag(
@@ -189,7 +196,7 @@ class ManifestStore:
                 return Served(body, media_type, Digest.parse(candidate["digest"]), len(body), "stale")
             raise
         digest = _digest_of(reply)
-        await self._keep(reply, digest)
+        await self._keep(upstream, repository, reply, digest)
         media_type = reply.media_type or media_type_of(reply.body)
         rec["types"][media_type] = {"digest": str(digest), "fetched": time.time()}
         await self._save(key, rec)

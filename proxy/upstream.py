@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from typing import Final
 
 import aiohttp
 import structlog
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 from cachetools import LRUCache
 from yarl import URL
 
@@ -34,6 +37,7 @@ from .auth import (
     pull_scope,
     realm_allowed,
     redirect_allowed,
+    resolved_allowed,
     same_origin,
     token_request_url,
 )
@@ -98,10 +102,40 @@ class ManifestReply:
     size: int
 
 
+class GuardedResolver(AbstractResolver):
+    """Resolves names, but never into private address space for a name we were not configured
+    with (see :func:`auth.resolved_allowed`). IP literals skip resolvers; :func:`auth.redirect_allowed`
+    covers those."""
+
+    def __init__(self, trusted_hosts: frozenset[str]) -> None:
+        self._inner = DefaultResolver()
+        self._trusted = trusted_hosts
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        infos = await self._inner.resolve(host, port, family)
+        allowed = set(resolved_allowed(host, [i["host"] for i in infos], self._trusted))
+        kept = [i for i in infos if i["host"] in allowed]
+        if not kept:
+            log.warning("resolution_refused", host=host)
+            raise OSError(f"{host} resolves only to addresses this proxy does not dial")
+        return kept
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
 class UpstreamClient:
     """One configured upstream registry."""
 
-    def __init__(self, cfg: UpstreamConfig, session: aiohttp.ClientSession, settings: Settings) -> None:
+    def __init__(
+        self,
+        cfg: UpstreamConfig,
+        session: aiohttp.ClientSession,
+        settings: Settings,
+        stored_credentials: tuple[str, str] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.url = URL(cfg.url)
@@ -118,6 +152,7 @@ class UpstreamClient:
         self._token_lock = asyncio.Lock()
         self._credentials: tuple[str, str] | None = None
         self._credentials_until = 0.0
+        self._stored_credentials = stored_credentials
         self.ratelimit_remaining: str | None = None
 
     # --- credentials and tokens ------------------------------------------------------------
@@ -126,7 +161,7 @@ class UpstreamClient:
         if self.cfg.username is not None and self.cfg.password is not None:
             return (self.cfg.username, self.cfg.password)
         if self.cfg.credential_command is None:
-            return None
+            return self._stored_credentials
         if self._credentials is not None and time.monotonic() < self._credentials_until:
             return self._credentials
         self._credentials = await self._run_credential_command(self.cfg.credential_command)
@@ -174,7 +209,9 @@ class UpstreamClient:
         if not realm_allowed(realm, self.url, self.cfg.realm_hosts):
             log.warning("token_realm_refused", upstream=self.name, realm_host=realm.host)
             raise OciError(
-                Code.UPSTREAM_ERROR, "upstream named a token realm we do not trust", {"upstream": self.name}
+                Code.DENIED,
+                "upstream named a token service this proxy does not trust",
+                {"upstream": self.name},
             )
         async with self._token_lock:
             token = self._tokens.get(scope)
@@ -266,8 +303,14 @@ class UpstreamClient:
 
     def _note_ratelimit(self, resp: aiohttp.ClientResponse) -> None:
         remaining = resp.headers.get("ratelimit-remaining")
-        if remaining is not None:
+        if remaining is not None and remaining != self.ratelimit_remaining:
             self.ratelimit_remaining = remaining
+            log.info(
+                "upstream_ratelimit",
+                upstream=self.name,
+                remaining=remaining,
+                limit=resp.headers.get("ratelimit-limit"),
+            )
 
     # --- the registry API --------------------------------------------------------------------
 
@@ -328,7 +371,15 @@ class UpstreamClient:
         return BlobStream(self.name, resp, start, total)
 
     async def blob_exists(self, repository: str, digest: Digest) -> bool:
-        resp = await self.request("HEAD", f"/v2/{repository}/blobs/{digest}", repository=repository)
+        return await self._exists(f"/v2/{repository}/blobs/{digest}", repository, {})
+
+    async def manifest_exists(self, repository: str, digest: Digest) -> bool:
+        return await self._exists(
+            f"/v2/{repository}/manifests/{digest}", repository, {"Accept": ", ".join(MANIFEST_TYPES)}
+        )
+
+    async def _exists(self, path: str, repository: str, headers: dict[str, str]) -> bool:
+        resp = await self.request("HEAD", path, repository=repository, headers=headers)
         try:
             if resp.status == 200:
                 return True
