@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 from yarl import URL
 
-from . import credentials, handlers, keys
+from . import clientconfig, credentials, handlers, keys
 from .access import Access
 from .cache import BlobCache
 from .config import Settings
@@ -184,5 +184,6 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_route("*", "/v2/{tail:.*}", handlers.registry_api)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/setup/{client}", clientconfig.setup)
     app.router.add_route("*", "/{tail:.*}", handlers.not_found)
     return app
