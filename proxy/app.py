@@ -23,8 +23,9 @@ from .errors import Code, OciError, error_response
 from .fills import Fill, Fills, State
 from .manifests import ManifestStore
 from .metrics import CONTENT_TYPE, Metrics
+from .resolver import GuardedResolver
 from .storage import Storage
-from .upstream import GuardedResolver, UpstreamClient
+from .upstream import UpstreamClient
 
 log = structlog.get_logger("ocicache.access")
 

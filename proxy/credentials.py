@@ -1,18 +1,24 @@
-"""Pure: upstream credentials from a Docker ``config.json`` (its ``auths`` section).
+"""Upstream credentials that do not sit in our own configuration.
 
-``docker login`` writes ``{"auths": {"<registry>": {"auth": base64("user:secret")}}}``; Docker
-Hub's key is the historical ``https://index.docker.io/v1/``. Credential helpers (``credsStore``)
-are programs, not data: use an upstream's ``credential_command`` for those.
+From a Docker ``config.json`` (pure): ``docker login`` writes
+``{"auths": {"<registry>": {"auth": base64("user:secret")}}}``; Docker Hub's key is the
+historical ``https://index.docker.io/v1/``. Docker's credential helpers (``credsStore``) are
+programs, not data: an upstream's ``credential_command`` runs one (:func:`run_helper`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import shlex
 from collections.abc import Mapping
 from typing import Any, Final
 
+import structlog
 from yarl import URL
+
+log = structlog.get_logger("ocicache.credentials")
 
 Credentials = tuple[str, str]
 
@@ -74,3 +80,31 @@ def lookup(auths: Mapping[str, Credentials], name: str, url: str) -> Credentials
                 if alias in auths:
                     return auths[alias]
     return None
+
+
+# A helper that takes longer than this is broken; the request fails rather than hangs.
+HELPER_TIMEOUT: Final = 30.0
+
+
+async def run_helper(command: str, username: str | None, upstream: str) -> Credentials | None:
+    """Run a credential command; it prints ``user:secret``, or a bare secret to go with
+    ``username`` (ECR's ``aws ecr get-login-password`` goes with ``AWS``)."""
+    proc = await asyncio.create_subprocess_exec(
+        *shlex.split(command),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=HELPER_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        log.warning("credential_command_timeout", upstream=upstream)
+        return None
+    if proc.returncode != 0:
+        log.warning("credential_command_failed", upstream=upstream, rc=proc.returncode)
+        return None
+    text = out.decode(errors="replace").strip()
+    user, sep, secret = text.partition(":")
+    return (user, secret) if sep else (username or "oauth2accesstoken", text)

@@ -14,8 +14,6 @@ It owns tokens, redirects and timeouts, and translates every third-party excepti
 from __future__ import annotations
 
 import asyncio
-import shlex
-import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -23,8 +21,6 @@ from typing import Final
 
 import aiohttp
 import structlog
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 from cachetools import LRUCache
 from yarl import URL
 
@@ -37,11 +33,11 @@ from .auth import (
     pull_scope,
     realm_allowed,
     redirect_allowed,
-    resolved_allowed,
     same_origin,
     token_request_url,
 )
 from .config import Settings, UpstreamConfig
+from .credentials import run_helper
 from .errors import Code, OciError
 from .reference import Digest
 
@@ -102,30 +98,6 @@ class ManifestReply:
     size: int
 
 
-class GuardedResolver(AbstractResolver):
-    """Resolves names, but never into private address space for a name we were not configured
-    with (see :func:`auth.resolved_allowed`). IP literals skip resolvers; :func:`auth.redirect_allowed`
-    covers those."""
-
-    def __init__(self, trusted_hosts: frozenset[str]) -> None:
-        self._inner = DefaultResolver()
-        self._trusted = trusted_hosts
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        infos = await self._inner.resolve(host, port, family)
-        allowed = set(resolved_allowed(host, [i["host"] for i in infos], self._trusted))
-        kept = [i for i in infos if i["host"] in allowed]
-        if not kept:
-            log.warning("resolution_refused", host=host)
-            raise OSError(f"{host} resolves only to addresses this proxy does not dial")
-        return kept
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
 class UpstreamClient:
     """One configured upstream registry."""
 
@@ -164,31 +136,9 @@ class UpstreamClient:
             return self._stored_credentials
         if self._credentials is not None and time.monotonic() < self._credentials_until:
             return self._credentials
-        self._credentials = await self._run_credential_command(self.cfg.credential_command)
+        self._credentials = await run_helper(self.cfg.credential_command, self.cfg.username, self.name)
         self._credentials_until = time.monotonic() + self.cfg.credential_ttl
         return self._credentials
-
-    async def _run_credential_command(self, command: str) -> tuple[str, str] | None:
-        proc = await asyncio.create_subprocess_exec(
-            *shlex.split(command),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            log.warning("credential_command_timeout", upstream=self.name)
-            return None
-        if proc.returncode != 0:
-            log.warning("credential_command_failed", upstream=self.name, rc=proc.returncode)
-            return None
-        text = out.decode(errors="replace").strip()
-        user, sep, secret = text.partition(":")
-        # A bare secret is a token for a registry that takes any user name with it (ECR: AWS).
-        return (user, secret) if sep else (self.cfg.username or "oauth2accesstoken", text)
 
     def _auth_header(self, scope: str) -> str | None:
         token = self._tokens.get(scope)

@@ -9,7 +9,7 @@ from aiohttp.abc import ResolveResult
 
 from proxy.auth import resolved_allowed
 from proxy.credentials import lookup, parse_auths
-from proxy.upstream import GuardedResolver
+from proxy.resolver import GuardedResolver
 
 
 def b64(text: str) -> str:
