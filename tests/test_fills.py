@@ -317,4 +317,3 @@ async def test_no_task_is_left_when_the_app_shuts_down(
     fill_tasks = [t for t in asyncio.all_tasks() if t.get_name().startswith("fill ")]
     assert fill_tasks == []
     assert proxy.temp_files() == []
-

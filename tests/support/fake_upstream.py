@@ -148,11 +148,22 @@ class FakeUpstream:
             tags[tag] = digest
         return digest
 
-    def count(self, *, origin: str | None = None, method: str | None = None,
-              path_contains: str = "", with_range: bool | None = None) -> int:
-        return sum(1 for s in self.seen if (origin is None or s.origin == origin)
-                   and (method is None or s.method == method.upper()) and path_contains in s.path
-                   and (with_range is None or ("range" in s.headers) == with_range))
+    def count(
+        self,
+        *,
+        origin: str | None = None,
+        method: str | None = None,
+        path_contains: str = "",
+        with_range: bool | None = None,
+    ) -> int:
+        return sum(
+            1
+            for s in self.seen
+            if (origin is None or s.origin == origin)
+            and (method is None or s.method == method.upper())
+            and path_contains in s.path
+            and (with_range is None or ("range" in s.headers) == with_range)
+        )
 
     def expire_tokens(self) -> None:
         """Forget every issued token, forcing clients through the 401 path again."""
@@ -379,7 +390,12 @@ class FakeUpstream:
         return resp
 
     async def _stream(
-        self, request: web.Request, resp: web.StreamResponse, data: bytes, start: int, stop: int,
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        data: bytes,
+        start: int,
+        stop: int,
         f: BlobFaults,
     ) -> None:
         body = data[start:stop]

@@ -42,7 +42,10 @@ MANIFEST_ACCEPT = f"{OCI_MANIFEST}, {OCI_INDEX}, {DOCKER_MANIFEST}, {DOCKER_LIST
 _MEDIA_TYPES: dict[str, dict[str, str]] = {
     "oci": {"manifest": OCI_MANIFEST, "index": OCI_INDEX, "config": OCI_CONFIG, "layer": OCI_LAYER},
     "docker": {
-        "manifest": DOCKER_MANIFEST, "index": DOCKER_LIST, "config": DOCKER_CONFIG, "layer": DOCKER_LAYER
+        "manifest": DOCKER_MANIFEST,
+        "index": DOCKER_LIST,
+        "config": DOCKER_CONFIG,
+        "layer": DOCKER_LAYER,
     },
 }
 
@@ -154,8 +157,7 @@ def make_image(
         },
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
         "history": [
-            {"created": _EPOCH, "created_by": f"ocicache test layer {i}"}
-            for i in range(len(layers))
+            {"created": _EPOCH, "created_by": f"ocicache test layer {i}"} for i in range(len(layers))
         ],
     }
     config = Blob.of(_canonical_json(config_doc), types["config"])

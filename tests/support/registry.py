@@ -273,8 +273,12 @@ def _spawn(workdir: Path, port: int, config: Path) -> Registry:
     log_file = log_path.open("w", encoding="utf-8")
     # One pipe for both streams keeps logrus and access-log lines in order.
     proc = subprocess.Popen(
-        [binary, "serve", str(config)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, env=env, cwd=workdir,
+        [binary, "serve", str(config)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=workdir,
     )
     return Registry(proc, port, workdir / "storage", log_path, log_file)
 

@@ -191,7 +191,10 @@ async def test_htpasswd(tmp_path: Path) -> None:
                 await push_image(session, reg.url, "private/img", image, "v1")
             await push_image(session, reg.url, "private/img", image, "v1", auth=creds)
         out = await run_skopeo(
-            "inspect", "--tls-verify=false", "--creds", "alice:s3cret",
+            "inspect",
+            "--tls-verify=false",
+            "--creds",
+            "alice:s3cret",
             f"docker://127.0.0.1:{reg.port}/private/img:v1",
         )
         assert json.loads(out)["Digest"] == image.manifest_digest
@@ -242,8 +245,11 @@ async def test_skopeo_reads_pushed_images(registry: Registry, tmp_path: Path) ->
     assert raw.encode() == index.manifest
     # A full copy makes skopeo fetch and digest-verify every blob of one platform.
     await run_skopeo(
-        "copy", "--src-tls-verify=false", "--override-arch=arm64",
-        f"{base}/sk/multi:v1", f"dir:{tmp_path / 'copy'}",
+        "copy",
+        "--src-tls-verify=false",
+        "--override-arch=arm64",
+        f"{base}/sk/multi:v1",
+        f"dir:{tmp_path / 'copy'}",
     )
     arm = index.images[1]
     for blob in arm.blobs:
