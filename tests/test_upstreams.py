@@ -19,7 +19,7 @@ from aiohttp import web
 
 from proxy.config import UpstreamConfig
 from tests.conftest import Proxy, StartProxy, make_settings
-from tests.support.fake_upstream import FakeUpstream
+from tests.support.fake_upstream import BlobFaults, FakeUpstream
 from tests.support.images import MANIFEST_ACCEPT, OCI_MANIFEST, make_image, push_image
 from tests.support.registry import running_registry
 
@@ -401,3 +401,27 @@ async def test_manifest_by_digest_is_not_served_to_another_repository_unconfirme
         image.manifest,
     )
     assert fake.count(method="GET", path_contains="/manifests/") == 1
+
+
+async def test_resume_after_reset_renews_token_and_signed_url(
+    start_proxy: StartProxy, hub: FakeUpstream, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    data = os.urandom(3 * 1024 * 1024)
+    digest = hub.add_blob(data)
+    hub.faults[digest] = BlobFaults(stall_at=1024 * 1024, reset_at=2 * 1024 * 1024)
+    proxy = await start_with(start_proxy, tmp_path, hub_upstream(hub))
+    fetch = asyncio.create_task(get(session, f"{proxy.url}/v2/app/blobs/{digest}"))
+    await hub.faults[digest].stalled.wait()
+    # While the download hangs, its token and its signed CDN URL both expire; then it breaks.
+    hub.expire_tokens()
+    hub.expire_signatures()
+    release = hub.faults[digest].release
+    assert release is not None
+    release.set()
+    status, body, _ = await fetch
+    assert (status, body) == (200, data)
+    assert hub.count(origin="token") == 2
+    cdn_gets = [s for s in hub.seen if s.origin == "cdn"]
+    assert len(cdn_gets) == 2
+    assert cdn_gets[0].query["sig"] != cdn_gets[1].query["sig"]
+    assert "range" in cdn_gets[1].headers
