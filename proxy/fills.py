@@ -60,6 +60,9 @@ class Fill:
         self.size: int | None = None
         self.written = 0
         self.state = State.STARTING
+        # Every byte is here and hashed to the digest: readers may have the final byte, even
+        # while the file is still being fsynced and renamed into the cache.
+        self.verified = False
         self.error: OciError | None = None
         self.read_fd = -1
         self.upstream_gets = 0
@@ -80,7 +83,7 @@ class Fill:
 
     def readable(self) -> int:
         """How far a reader may send: all of it once verified, else all but the final byte."""
-        if self.state is State.DONE:
+        if self.verified:
             return self.written
         if self.size is not None and self.written >= self.size:
             return self.size - 1
@@ -97,7 +100,7 @@ class Fill:
 
     async def finished(self) -> int:
         """Wait for the verified whole; returns its size. Raises the fill's error."""
-        while self.state is not State.DONE:
+        while not self.verified:
             if self.state is State.FAILED:
                 assert self.error is not None
                 raise self.error
@@ -107,11 +110,14 @@ class Fill:
     async def wait_beyond(self, pos: int) -> int:
         """Wait until bytes past ``pos`` may be sent; returns how far. Raises FillFailed."""
         while True:
-            if self.state is State.FAILED:
+            # Verified bytes stay good to send even if storing them fails afterwards.
+            if self.state is State.FAILED and not self.verified:
                 raise FillFailed(str(self.error))
             limit = self.readable()
             if limit > pos:
                 return limit
+            if self.state is State.FAILED:
+                raise FillFailed(str(self.error))
             await self._wait()
 
     async def _wait(self) -> None:
@@ -194,6 +200,10 @@ class Fills:
             log.info("fill_abandoned", digest=str(fill.digest), written=fill.written)
             fill.task.cancel()
 
+    async def settled(self) -> None:
+        """Wait until every fill running now has committed or failed."""
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     async def close(self) -> None:
         tasks = list(self._tasks)
         for task in tasks:
@@ -220,9 +230,11 @@ class Fills:
                     got=f"{fill.digest.algorithm}:{hasher.hexdigest()}",
                 )
                 raise OciError(Code.UPSTREAM_ERROR, "upstream blob does not match its digest")
+            fill.size = fill.written
+            fill.verified = True
+            fill._announce()
             await asyncio.to_thread(_sync_and_commit, write_fd, self.storage, fill.temp, fill.digest)
             committed = True
-            fill.size = fill.written
             self.cache.add(fill.digest, fill.written)
             if self.on_commit is not None:
                 await self.on_commit(fill)

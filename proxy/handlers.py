@@ -133,8 +133,11 @@ async def blob(
     cache = request.app[keys.CACHE]
     fills = request.app[keys.FILLS]
     # A blob we hold (or are fetching) through another repository is not this one's to see
-    # until upstream says this repository has it too.
-    if digest in cache or fills.get(digest) is not None:
+    # until upstream says this repository has it too. Joining a fill that is fetching it for
+    # this very repository needs no such check: that fetch is upstream's answer.
+    running = fills.get(digest)
+    same_fetch = running is not None and running.upstream is client and running.repository == repository
+    if (digest in cache or running is not None) and not same_fetch:
         await request.app[keys.ACCESS].check(client, repository, digest)
     if digest in cache:
         fd = await _open_cached(request, digest)

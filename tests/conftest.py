@@ -41,8 +41,10 @@ class Proxy:
     def app(self) -> web.Application:
         return self.server.app
 
-    def cached(self) -> set[str]:
-        """Digests the cache holds."""
+    async def cached(self) -> set[str]:
+        """Digests the cache holds once the downloads under way have ended (a client gets
+        the verified final byte before the file is fsynced and renamed into the cache)."""
+        await self.app[keys.FILLS].settled()
         storage = self.app[keys.STORAGE]
         return {str(b.digest) for b in storage.scan()}
 

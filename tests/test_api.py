@@ -131,7 +131,7 @@ async def test_manifest_fetched_by_digest_is_verified(
     async with session.get(f"{proxy.url}/v2/library/app/manifests/{digest}") as resp:
         assert resp.status == 502
         assert_oci_error(await resp.read(), "UPSTREAM_ERROR")
-    assert digest not in proxy.cached()
+    assert digest not in (await proxy.cached())
 
 
 async def test_blob_get_head_and_ranges(
@@ -145,7 +145,7 @@ async def test_blob_get_head_and_ranges(
         assert resp.status == 200
         assert await resp.read() == data
         assert resp.headers["Docker-Content-Digest"] == digest
-    assert digest in proxy.cached()
+    assert digest in (await proxy.cached())
     async with session.head(url) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Length"] == str(len(data))

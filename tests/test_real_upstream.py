@@ -73,7 +73,7 @@ async def test_skopeo_pulls_through_the_proxy_and_the_second_pull_is_cached(
     after_first = registry.blob_gets()
     assert after_first - pushed_gets == len(image.blobs)  # one upstream GET per blob
     for blob in image.blobs:
-        assert blob.digest in proxy.cached()
+        assert blob.digest in (await proxy.cached())
 
     # A one-component Docker Hub name gets "library/" like on Docker Hub.
     await skopeo_copy(f"docker://{proxy.host}/app:v1", tmp_path / "second")
