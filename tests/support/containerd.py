@@ -7,6 +7,9 @@ private (default is the shared /opt/containerd), no debug/metrics listener,
 and these plugins disabled: CRI (needs CNI, opens a streaming port) and the
 aufs/btrfs/devmapper/zfs snapshotters (unavailable here; they only log noise).
 
+start_containerd returns once containerd logs "containerd successfully
+booted" and one ``ctr version`` answers (see `PrivateDaemon` in dockerd.py).
+
 `Containerd.ctr()` runs ``ctr --address <sock> --namespace test ...``, with
 ``CONTAINERD_SNAPSHOTTER`` set to the instance's snapshotter ("native" by
 default: plain directory copies, so unpacking never mounts anything; pass
@@ -47,27 +50,12 @@ is no default directory for ctr; /etc/containerd/certs.d is a CRI setting)::
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import time
-import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
-from .dockerd import (
-    POLL_INTERVAL,
-    Blackhole,
-    DaemonStartError,
-    log_tail,
-    offline_env,
-    run_command,
-    short_runtime_dir,
-    socket_accepts,
-    stop_process,
-    unmount_under,
-)
+from .dockerd import Blackhole, PrivateDaemon, launch, offline_env, run_command
 
 CONTAINERD_BINARY = "/usr/bin/containerd"
 CTR_BINARY = "/usr/bin/ctr"
@@ -87,39 +75,31 @@ def _toml_str(value: str) -> str:
     return json.dumps(value)
 
 
-class Containerd:
+class Containerd(PrivateDaemon):
     """A running private containerd; see `start_containerd`."""
 
+    NAME = "containerd"
+
     def __init__(
-        self,
-        *,
-        proc: subprocess.Popen[bytes],
-        workdir: Path,
-        runtime_dir: Path,
-        log_path: Path,
-        blackhole: Blackhole | None,
-        snapshotter: str,
+        self, workdir: Path, runtime_dir: Path, blackhole: Blackhole | None, *, snapshotter: str
     ) -> None:
-        self.proc = proc
-        self.workdir = workdir
-        self.runtime_dir = runtime_dir
         self.address: Path = runtime_dir / "c.sock"
         self.root = workdir / "root"
         self.state = runtime_dir / "state"
         self.config_path = workdir / "config.toml"
-        self.log_path = log_path
         self.namespace = NAMESPACE
         self.snapshotter = snapshotter
-        self._blackhole = blackhole
-        self._stopped = False
-        self._finalizer = weakref.finalize(self, _emergency_kill, proc)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log_tail(self, n: int = 60) -> str:
-        return log_tail(self.log_path, n)
+        write_config(
+            self.config_path, root=self.root, state=self.state, address=self.address, opt=workdir / "opt"
+        )
+        super().__init__(
+            [CONTAINERD_BINARY, "--config", str(self.config_path)],
+            workdir=workdir,
+            runtime_dir=runtime_dir,
+            log_path=workdir / "containerd.log",
+            blackhole=blackhole,
+            env=offline_env(blackhole),
+        )
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Run `ctr --address <sock> --namespace test ARGS...`; raise CommandError on failure with check.
@@ -171,31 +151,18 @@ class Containerd:
         out = self.ctr("content", "ls", "-q", timeout=60).stdout
         return set(out.split())
 
-    def stop(self) -> None:
-        """SIGTERM, bounded wait, SIGKILL; detach leftover mounts; remove the runtime dir. Idempotent."""
-        if self._stopped:
-            return
-        self._stopped = True
-        self._finalizer.detach()
-        try:
-            stop_process(self.proc)
-        finally:
-            unmount_under(self.root, self.runtime_dir)
-            if self._blackhole is not None:
-                self._blackhole.close()
-            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+    # containerd 1.6 logs this (level info) once its grpc and ttrpc sockets are serving.
+    def _ready_marker(self) -> str:
+        return "containerd successfully booted"
 
-    def __enter__(self) -> Self:
-        return self
+    def _confirm_ready(self, timeout: float) -> str | None:
+        res = self.ctr("version", check=False, timeout=timeout)
+        if res.returncode == 0 and "Server:" in res.stdout:
+            return None
+        return f"ctr version failed: {(res.stderr or res.stdout).strip()!r}"
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def _emergency_kill(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(30)
+    def _mount_roots(self) -> tuple[Path, ...]:
+        return (self.root,)
 
 
 def write_config(path: Path, *, root: Path, state: Path, address: Path, opt: Path) -> None:
@@ -226,92 +193,24 @@ def start_containerd(
     block_external: bool = True,
     start_timeout: float = START_TIMEOUT,
 ) -> Containerd:
-    """Start a private containerd and wait until `ctr version` answers.
+    """Start a private containerd; return once it logs that it booted and `ctr version` answers.
 
     Content and snapshots go under `workdir/root` (left there); the log is
     `workdir/containerd.log`; sockets and state live in a short /tmp dir that
     stop() removes.
     """
-    workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    runtime_dir = short_runtime_dir("octrd-")
-    blackhole = Blackhole() if block_external else None
-    config_path = workdir / "config.toml"
-    write_config(
-        config_path,
-        root=workdir / "root",
-        state=runtime_dir / "state",
-        address=runtime_dir / "c.sock",
-        opt=workdir / "opt",
+
+    def spawn(workdir: Path, runtime_dir: Path, blackhole: Blackhole | None) -> Containerd:
+        return Containerd(workdir, runtime_dir, blackhole, snapshotter=snapshotter)
+
+    return launch(
+        workdir, spawn, runtime_prefix="octrd-", block_external=block_external, start_timeout=start_timeout
     )
-    log_path = workdir / "containerd.log"
-    try:
-        with log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                [CONTAINERD_BINARY, "--config", str(config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=offline_env(blackhole),
-                cwd=workdir,
-                start_new_session=True,
-            )
-    except BaseException:
-        if blackhole is not None:
-            blackhole.close()
-        shutil.rmtree(runtime_dir, ignore_errors=True)
-        raise
-    daemon = Containerd(
-        proc=proc,
-        workdir=workdir,
-        runtime_dir=runtime_dir,
-        log_path=log_path,
-        blackhole=blackhole,
-        snapshotter=snapshotter,
-    )
-    try:
-        _wait_ready(daemon, start_timeout)
-    except BaseException:
-        daemon.stop()
-        raise
-    return daemon
 
 
-def _wait_ready(daemon: Containerd, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last = ""
-    while True:
-        if daemon.proc.poll() is not None:
-            raise DaemonStartError(
-                f"containerd exited with {daemon.proc.returncode} during startup; "
-                f"log tail ({daemon.log_path}):\n{daemon.log_tail()}"
-            )
-        if socket_accepts(daemon.address):
-            remaining = max(1.0, min(10.0, deadline - time.monotonic()))
-            try:
-                res = daemon.ctr("version", check=False, timeout=remaining)
-            except subprocess.TimeoutExpired:
-                last = "ctr version timed out"
-            else:
-                if res.returncode == 0 and "Server:" in res.stdout:
-                    return
-                last = (res.stderr or res.stdout).strip()
-        if time.monotonic() >= deadline:
-            raise DaemonStartError(
-                f"containerd not ready within {timeout}s (last ctr version: {last!r}); "
-                f"log tail ({daemon.log_path}):\n{daemon.log_tail()}"
-            )
-        # Bounded readiness polling of an external process (deadline above).
-        time.sleep(POLL_INTERVAL)
-
-
-@contextmanager
-def running_containerd(workdir: Path, **kw: Any) -> Iterator[Containerd]:
-    daemon = start_containerd(workdir, **kw)
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
+def running_containerd(workdir: Path, **kw: Any) -> Containerd:
+    """start_containerd(workdir, **kw) for a `with` block, which stops it on the way out."""
+    return start_containerd(workdir, **kw)
 
 
 def write_hosts_toml(

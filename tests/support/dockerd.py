@@ -33,6 +33,15 @@ does whenever the mirror fails or lacks the image -- it fails at once with
 ``proxyconnect tcp: dial tcp 127.0.0.1:N: connect: connection refused``
 instead of resolving registry-1.docker.io through the host's DNS server.
 
+Readiness and shutdown never poll. The daemon's output (its managed
+containerd writes into the same pipe) is read by a `LoggedProcess`
+(process.py): start_dockerd returns once dockerd logs "API listen on
+<sock>" (level info, so with or without debug) and one ``docker info``
+answers, and raises DaemonStartError with the log tail if it exits or the
+deadline passes first. On stop, the managed containerd, which is not our
+child, is waited for on a pidfd. `PrivateDaemon` and `launch` hold what this
+fixture shares with containerd.py.
+
 The CLI used is /usr/bin/docker (the 20.10 client from docker.io) when it
 exists; on this machine a Docker 28 client sits earlier on PATH in
 /usr/local/bin. The CLI gets a private, empty ``DOCKER_CONFIG`` so host
@@ -41,27 +50,24 @@ credentials or credential helpers are never consulted.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
-import weakref
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, TypeVar
+
+from .process import LoggedProcess, stop_foreign
 
 DOCKERD_BINARY = "/usr/sbin/dockerd"
 DOCKER_CLI_CANDIDATES = ("/usr/bin/docker",)
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
-POLL_INTERVAL = 0.1
 NO_PROXY = "localhost,127.0.0.0/8,::1"
 _PROXY_VARS = (
     "HTTP_PROXY",
@@ -128,14 +134,6 @@ def short_runtime_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
-def log_tail(path: Path, n: int = 60) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError as exc:
-        return f"<no log: {exc}>"
-    return "\n".join(lines[-n:])
-
-
 def run_command(
     argv: Sequence[str], *, env: Mapping[str, str] | None, check: bool, timeout: float
 ) -> subprocess.CompletedProcess[str]:
@@ -151,59 +149,6 @@ def run_command(
     if check and proc.returncode != 0:
         raise CommandError(proc.returncode, list(argv), proc.stdout, proc.stderr)
     return proc
-
-
-def socket_accepts(path: Path) -> bool:
-    if not path.is_socket():
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(2)
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> None:
-    """SIGTERM, bounded wait, SIGKILL, bounded wait. No-op if it already exited."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-        return
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
-    proc.wait(timeout)
-
-
-def _pid_cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def kill_pid_if(pid: int, cmdline_marker: str, timeout: float = STOP_TIMEOUT) -> None:
-    """Stop a process we did not spawn directly (e.g. a managed containerd).
-
-    The cmdline must still contain `cmdline_marker`, so a recycled pid is left alone.
-    """
-    if cmdline_marker not in _pid_cmdline(pid):
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if cmdline_marker not in _pid_cmdline(pid):
-                return
-            # Bounded poll of a foreign process's exit: we cannot wait() on a non-child.
-            time.sleep(POLL_INTERVAL)
 
 
 def _decode_mount_path(field: str) -> str:
@@ -246,6 +191,114 @@ def unmount_under(*roots: Path) -> list[Path]:
     return done
 
 
+class PrivateDaemon(LoggedProcess):
+    """What the dockerd and containerd fixtures share.
+
+    The daemon runs in its own session with a short private runtime dir
+    (sockets, state) that `stop()` removes after detaching any mounts left
+    under it or `_mount_roots()`, and optionally behind a `Blackhole` proxy
+    that `stop()` closes. Its output goes to `log_path` (appended) and to
+    memory; it is ready once it logs `_ready_marker()` and `_confirm_ready()`
+    finds it answering.
+    """
+
+    NAME: ClassVar[str]
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        workdir: Path,
+        runtime_dir: Path,
+        log_path: Path,
+        blackhole: Blackhole | None,
+        env: Mapping[str, str],
+    ) -> None:
+        self.workdir = workdir
+        self.runtime_dir = runtime_dir
+        self._blackhole = blackhole
+        super().__init__(
+            argv,
+            log_path=log_path,
+            env=env,
+            cwd=workdir,
+            append=True,
+            start_new_session=True,  # keep terminal signals (Ctrl-C) for us to handle
+            stop_timeout=STOP_TIMEOUT,
+        )
+
+    def _ready_marker(self) -> str:
+        raise NotImplementedError
+
+    def _confirm_ready(self, timeout: float) -> str | None:
+        """One request to the daemon; None if it answered, else what went wrong."""
+        raise NotImplementedError
+
+    def _mount_roots(self) -> tuple[Path, ...]:
+        raise NotImplementedError
+
+    def _fail(self, what: str) -> DaemonStartError:
+        return DaemonStartError(f"{self.NAME} {what}; log tail ({self.log_path}):\n{self.log_tail()}")
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        marker = self._ready_marker()
+        if not self.wait_for_line(marker, timeout):
+            code = self.proc.poll()
+            if code is not None:
+                raise self._fail(f"exited with {code} during startup")
+            raise self._fail(f"did not log {marker!r} within {timeout}s")
+        try:
+            problem = self._confirm_ready(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired as exc:
+            problem = f"{' '.join(map(str, exc.cmd))} timed out after {exc.timeout:.0f}s"
+        if problem is not None:
+            raise self._fail(f"logged {marker!r} but {problem}")
+
+    def _after_exit(self) -> None:
+        try:
+            unmount_under(*self._mount_roots(), self.runtime_dir)
+        finally:
+            if self._blackhole is not None:
+                self._blackhole.close()
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+
+D = TypeVar("D", bound=PrivateDaemon)
+
+
+def launch(
+    workdir: Path,
+    spawn: Callable[[Path, Path, Blackhole | None], D],
+    *,
+    runtime_prefix: str,
+    block_external: bool,
+    start_timeout: float,
+) -> D:
+    """spawn(workdir, runtime_dir, blackhole) and wait until the daemon is ready.
+
+    `workdir` is resolved and created; the runtime dir is a fresh short one
+    under /tmp; everything is undone if spawning or readiness fails.
+    """
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    runtime_dir = short_runtime_dir(runtime_prefix)
+    blackhole = Blackhole() if block_external else None
+    try:
+        daemon = spawn(workdir, runtime_dir, blackhole)
+    except BaseException:
+        if blackhole is not None:
+            blackhole.close()
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+        raise
+    try:
+        daemon._wait_ready(start_timeout)
+    except BaseException:
+        daemon.stop()
+        raise
+    return daemon
+
+
 # --------------------------------------------------------------------------
 # dockerd
 
@@ -260,50 +313,74 @@ def docker_cli() -> str:
     return found
 
 
-class Dockerd:
+class Dockerd(PrivateDaemon):
     """A running private dockerd; see `start_dockerd`."""
+
+    NAME = "dockerd"
 
     def __init__(
         self,
-        *,
-        proc: subprocess.Popen[bytes],
         workdir: Path,
         runtime_dir: Path,
-        log_path: Path,
         blackhole: Blackhole | None,
+        *,
         mirrors: Sequence[str],
         insecure_registries: Sequence[str],
+        debug: bool,
+        daemon_json_extra: Mapping[str, Any] | None,
     ) -> None:
-        self.proc = proc
-        self.workdir = workdir
-        self.runtime_dir = runtime_dir
         self.sock: Path = runtime_dir / "docker.sock"
         self.host = f"unix://{self.sock}"
         self.exec_root = runtime_dir / "exec"
         self.data_root = workdir / "data"
         self.pidfile = runtime_dir / "docker.pid"
-        self.log_path = log_path
         self.mirrors = tuple(mirrors)
         self.insecure_registries = tuple(insecure_registries)
         self.cli = docker_cli()
         self.docker_config = workdir / "cli-config"
         self.docker_config.mkdir(exist_ok=True)
-        self._blackhole = blackhole
         self._containerd_pid: int | None = None
-        self._stopped = False
-        self._finalizer = weakref.finalize(self, _emergency_kill, proc)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+        config_path = workdir / "daemon.json"
+        write_daemon_json(
+            config_path,
+            mirrors=mirrors,
+            insecure_registries=insecure_registries,
+            key_path=workdir / "key.json",
+            debug=debug,
+            extra=daemon_json_extra,
+        )
+        argv = [
+            DOCKERD_BINARY,
+            "--storage-driver=vfs",
+            "--iptables=false",
+            "--bridge=none",
+            "--ip-masq=false",
+            "--data-root",
+            str(self.data_root),
+            "--exec-root",
+            str(self.exec_root),
+            "--pidfile",
+            str(self.pidfile),
+            "-H",
+            self.host,
+            "--config-file",
+            str(config_path),
+        ]
+        # dockerd would honour DOCKER_* variables (e.g. DOCKER_CERT_PATH); keep it to our flags.
+        env = {k: v for k, v in offline_env(blackhole).items() if not k.startswith("DOCKER_")}
+        super().__init__(
+            argv,
+            workdir=workdir,
+            runtime_dir=runtime_dir,
+            log_path=workdir / "dockerd.log",
+            blackhole=blackhole,
+            env=env,
+        )
 
     @property
     def containerd_socket(self) -> Path:
         """The managed containerd's grpc socket (namespace "moby")."""
         return self.exec_root / "containerd" / "containerd.sock"
-
-    def log_tail(self, n: int = 60) -> str:
-        return log_tail(self.log_path, n)
 
     def docker(
         self, *args: str, check: bool = True, timeout: float = 300
@@ -316,43 +393,44 @@ class Dockerd:
     def image_id(self, ref: str) -> str:
         return self.docker("image", "inspect", "--format", "{{.Id}}", ref, timeout=60).stdout.strip()
 
+    # dockerd 20.10 logs this (level info) once its API socket is serving.
+    def _ready_marker(self) -> str:
+        return f"API listen on {self.sock}"
+
+    def _confirm_ready(self, timeout: float) -> str | None:
+        res = self.docker("info", "--format", "{{.ServerVersion}}", check=False, timeout=timeout)
+        if res.returncode == 0 and res.stdout.strip():
+            return None
+        return f"docker info failed: {(res.stderr or res.stdout).strip()!r}"
+
+    def _wait_ready(self, timeout: float) -> None:
+        super()._wait_ready(timeout)
+        self._remember_containerd()
+
     def _remember_containerd(self) -> None:
         try:
             self._containerd_pid = int((self.exec_root / "containerd" / "containerd.pid").read_text().strip())
         except (OSError, ValueError):
             self._containerd_pid = None
 
+    def _mount_roots(self) -> tuple[Path, ...]:
+        return (self.data_root,)
+
     def stop(self) -> None:
         """SIGTERM dockerd (it stops its containerd), SIGKILL after a bounded wait,
         then make sure the managed containerd is gone, detach any mounts left under
         the data/exec roots and remove the short runtime dir. Idempotent."""
-        if self._stopped:
-            return
-        self._stopped = True
-        self._finalizer.detach()
-        if self._containerd_pid is None:
-            self._remember_containerd()
+        if self._containerd_pid is None and not self._stopped:
+            self._remember_containerd()  # before dockerd can remove the pid file
+        super().stop()
+
+    def _after_exit(self) -> None:
         try:
-            stop_process(self.proc)
-        finally:
+            # Not our child: dockerd started it, and it shares dockerd's output pipe.
             if self._containerd_pid is not None:
-                kill_pid_if(self._containerd_pid, str(self.exec_root / "containerd"))
-            unmount_under(self.data_root, self.runtime_dir)
-            if self._blackhole is not None:
-                self._blackhole.close()
-            shutil.rmtree(self.runtime_dir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def _emergency_kill(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(STOP_TIMEOUT)
+                stop_foreign(self._containerd_pid, str(self.exec_root / "containerd"), STOP_TIMEOUT)
+        finally:
+            super()._after_exit()
 
 
 def write_daemon_json(
@@ -386,7 +464,7 @@ def start_dockerd(
     daemon_json_extra: Mapping[str, Any] | None = None,
     start_timeout: float = START_TIMEOUT,
 ) -> Dockerd:
-    """Start a private dockerd and wait until `docker info` answers.
+    """Start a private dockerd; return once it logs "API listen on <sock>" and `docker info` answers.
 
     Data (vfs layers, image store) goes under `workdir/data` and is left there;
     the API socket is `Dockerd.sock` in a short /tmp dir removed on stop. The
@@ -394,106 +472,23 @@ def start_dockerd(
     `mirrors` are URLs such as "http://127.0.0.1:5000"; they apply to Docker Hub
     names only (dockerd 20.10 has no per-registry mirrors).
     """
-    workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    runtime_dir = short_runtime_dir("ocd-")
-    blackhole = Blackhole() if block_external else None
-    config_path = workdir / "daemon.json"
-    write_daemon_json(
-        config_path,
-        mirrors=mirrors,
-        insecure_registries=insecure_registries,
-        key_path=workdir / "key.json",
-        debug=debug,
-        extra=daemon_json_extra,
+
+    def spawn(workdir: Path, runtime_dir: Path, blackhole: Blackhole | None) -> Dockerd:
+        return Dockerd(
+            workdir,
+            runtime_dir,
+            blackhole,
+            mirrors=mirrors,
+            insecure_registries=insecure_registries,
+            debug=debug,
+            daemon_json_extra=daemon_json_extra,
+        )
+
+    return launch(
+        workdir, spawn, runtime_prefix="ocd-", block_external=block_external, start_timeout=start_timeout
     )
-    log_path = workdir / "dockerd.log"
-    argv = [
-        DOCKERD_BINARY,
-        "--storage-driver=vfs",
-        "--iptables=false",
-        "--bridge=none",
-        "--ip-masq=false",
-        "--data-root",
-        str(workdir / "data"),
-        "--exec-root",
-        str(runtime_dir / "exec"),
-        "--pidfile",
-        str(runtime_dir / "docker.pid"),
-        "-H",
-        f"unix://{runtime_dir / 'docker.sock'}",
-        "--config-file",
-        str(config_path),
-    ]
-    env = offline_env(blackhole)
-    # dockerd would honour DOCKER_* variables (e.g. DOCKER_CERT_PATH); keep it to our flags.
-    env = {k: v for k, v in env.items() if not k.startswith("DOCKER_")}
-    try:
-        with log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=workdir,
-                start_new_session=True,  # keep terminal signals (Ctrl-C) for us to handle
-            )
-    except BaseException:
-        if blackhole is not None:
-            blackhole.close()
-        shutil.rmtree(runtime_dir, ignore_errors=True)
-        raise
-    daemon = Dockerd(
-        proc=proc,
-        workdir=workdir,
-        runtime_dir=runtime_dir,
-        log_path=log_path,
-        blackhole=blackhole,
-        mirrors=mirrors,
-        insecure_registries=insecure_registries,
-    )
-    try:
-        _wait_ready(daemon, start_timeout)
-    except BaseException:
-        daemon.stop()
-        raise
-    daemon._remember_containerd()
-    return daemon
 
 
-def _wait_ready(daemon: Dockerd, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last = ""
-    while True:
-        if daemon.proc.poll() is not None:
-            raise DaemonStartError(
-                f"dockerd exited with {daemon.proc.returncode} during startup; "
-                f"log tail ({daemon.log_path}):\n{daemon.log_tail()}"
-            )
-        if socket_accepts(daemon.sock):
-            remaining = max(1.0, min(15.0, deadline - time.monotonic()))
-            try:
-                res = daemon.docker("info", "--format", "{{.ServerVersion}}", check=False, timeout=remaining)
-            except subprocess.TimeoutExpired:
-                last = "docker info timed out"
-            else:
-                if res.returncode == 0 and res.stdout.strip():
-                    return
-                last = (res.stderr or res.stdout).strip()
-        if time.monotonic() >= deadline:
-            raise DaemonStartError(
-                f"dockerd not ready within {timeout}s (last docker info: {last!r}); "
-                f"log tail ({daemon.log_path}):\n{daemon.log_tail()}"
-            )
-        # Bounded readiness polling of an external process (deadline above).
-        time.sleep(POLL_INTERVAL)
-
-
-@contextmanager
-def running_dockerd(workdir: Path, **kw: Any) -> Iterator[Dockerd]:
-    daemon = start_dockerd(workdir, **kw)
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
+def running_dockerd(workdir: Path, **kw: Any) -> Dockerd:
+    """start_dockerd(workdir, **kw) for a `with` block, which stops it on the way out."""
+    return start_dockerd(workdir, **kw)

@@ -2,9 +2,9 @@
 
 Each registry listens on 127.0.0.1 only, keeps its storage and config under
 a work dir of its own, and writes combined stdout+stderr to `log_path`.
-A reader thread tees the output into that file and into memory, so readiness
-and "has the registry logged this request yet" are waited for on a condition
-variable rather than with sleeps.
+`LoggedProcess` (process.py) tees the output into that file and into memory,
+so readiness and "has the registry logged this request yet" are waited for
+on a condition variable rather than with sleeps.
 """
 
 from __future__ import annotations
@@ -14,16 +14,14 @@ import re
 import shutil
 import socket
 import subprocess
-import threading
-import time
-import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import Any
 
 import yaml
+
+from .process import LoggedProcess
 
 REGISTRY_BINARY = "docker-registry"
 START_TIMEOUT = 30.0
@@ -116,66 +114,28 @@ class RegistryStartError(RuntimeError):
     """The registry exited or never logged that it was listening."""
 
 
-class Registry:
-    """A running docker-registry process; see `start_registry`."""
+class Registry(LoggedProcess):
+    """A running docker-registry process; see `start_registry`.
+
+    Output handling, `lines()`, `log_tail()`, `wait_for()` and `stop()` come from
+    `LoggedProcess`; this adds the requests parsed from the log as it arrives.
+    """
 
     def __init__(
-        self, proc: subprocess.Popen[bytes], port: int, root: Path, log_path: Path, log_file: IO[str]
+        self, argv: list[str], *, port: int, workdir: Path, log_path: Path, env: dict[str, str]
     ) -> None:
-        self.proc = proc
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self.root = root
-        self.log_path = log_path
-        self._log_file = log_file
-        self._lines: list[str] = []
+        self.root = workdir / "storage"
         # Parsed as lines arrive so waiting on request counts stays cheap and
         # never holds the lock long enough to back-pressure the registry.
         self._requests: list[LoggedRequest] = []
         self._parser = RequestParser()
-        self._cond = threading.Condition()
-        self._eof = False
-        self._reader = threading.Thread(target=self._pump, name=f"registry-{port}", daemon=True)
-        self._reader.start()
-        # Never leave an orphan registry behind if a test forgets stop().
-        self._finalizer = weakref.finalize(self, _kill, proc)
+        super().__init__(argv, log_path=log_path, env=env, cwd=workdir, stop_timeout=STOP_TIMEOUT)
 
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            line = raw.decode("utf-8", errors="replace").rstrip("\n")
-            self._log_file.write(line + "\n")
-            self._log_file.flush()
-            with self._cond:
-                self._lines.append(line)
-                if (req := self._parser.feed(line)) is not None:
-                    self._requests.append(req)
-                self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    def lines(self) -> list[str]:
-        with self._cond:
-            return list(self._lines)
-
-    def log_tail(self, n: int = 40) -> str:
-        with self._cond:
-            return "\n".join(self._lines[-n:])
-
-    def _wait(self, check: Callable[[], bool], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not check():
-                remaining = deadline - time.monotonic()
-                if self._eof or remaining <= 0:
-                    return check()
-                self._cond.wait(remaining)
-            return True
-
-    def wait_for(self, predicate: Callable[[list[str]], bool], timeout: float = 10.0) -> bool:
-        """Block until predicate(all log lines) is true, output ends, or timeout."""
-        return self._wait(lambda: predicate(self._lines), timeout)
+    def _on_line(self, line: str) -> None:
+        if (req := self._parser.feed(line)) is not None:
+            self._requests.append(req)
 
     def requests(self) -> list[LoggedRequest]:
         with self._cond:
@@ -189,37 +149,9 @@ class Registry:
         self, predicate: Callable[[list[LoggedRequest]], bool], timeout: float = 10.0
     ) -> list[LoggedRequest]:
         """The registry may flush a response before logging it; wait for the log to catch up."""
-        if not self._wait(lambda: predicate(self._requests), timeout):
+        if not self.wait_until(lambda: predicate(self._requests), timeout):
             raise TimeoutError(f"log condition not met in {timeout}s; tail:\n{self.log_tail()}")
         return self.requests()
-
-    def stop(self) -> None:
-        """SIGTERM, bounded wait, SIGKILL if needed. Safe to call repeatedly."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(STOP_TIMEOUT)
-        self._reader.join(STOP_TIMEOUT)
-        if not self._reader.is_alive():  # else it still owns the pipe and file
-            assert self.proc.stdout is not None
-            self.proc.stdout.close()
-            self._log_file.close()
-        self._finalizer.detach()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(STOP_TIMEOUT)
 
 
 def _write_config(
@@ -270,22 +202,8 @@ def _spawn(workdir: Path, port: int, config: Path) -> Registry:
     # environment change what we wrote.
     env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
     binary = shutil.which(REGISTRY_BINARY) or f"/usr/bin/{REGISTRY_BINARY}"
-    log_file = log_path.open("w", encoding="utf-8")
-    # One pipe for both streams keeps logrus and access-log lines in order.
-    proc = subprocess.Popen(
-        [binary, "serve", str(config)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=workdir,
-    )
-    return Registry(proc, port, workdir / "storage", log_path, log_file)
-
-
-def _listening(port: int) -> Callable[[list[str]], bool]:
-    marker = f"listening on 127.0.0.1:{port}"
-    return lambda lines: any(marker in line for line in lines)
+    argv = [binary, "serve", str(config)]
+    return Registry(argv, port=port, workdir=workdir, log_path=log_path, env=env)
 
 
 def start_registry(
@@ -306,7 +224,7 @@ def start_registry(
         chosen = port if port is not None else free_port()
         config = _write_config(workdir, chosen, htpasswd, proxy_remote, proxy_auth)
         reg = _spawn(workdir, chosen, config)
-        if reg.wait_for(_listening(chosen), START_TIMEOUT):
+        if reg.wait_for_line(f"listening on 127.0.0.1:{chosen}", START_TIMEOUT):
             # The listener is bound before that line is logged; one connect
             # confirms it really is ours and accepting.
             with socket.create_connection(("127.0.0.1", chosen), timeout=5):
@@ -323,10 +241,6 @@ def start_registry(
     raise AssertionError("unreachable")
 
 
-@contextmanager
-def running_registry(workdir: Path, **kw: Any) -> Iterator[Registry]:
-    reg = start_registry(workdir, **kw)
-    try:
-        yield reg
-    finally:
-        reg.stop()
+def running_registry(workdir: Path, **kw: Any) -> Registry:
+    """start_registry(workdir, **kw) for a `with` block, which stops it on the way out."""
+    return start_registry(workdir, **kw)
