@@ -16,6 +16,7 @@ from typing import Final
 
 import structlog
 
+from .openfiles import OpenFiles
 from .reference import Digest
 from .storage import Storage
 
@@ -46,6 +47,7 @@ class BlobCache:
         self._pins: Counter[str] = Counter()
         self.total = 0
         self._evicting: asyncio.Task[None] | None = None
+        self.open_files = OpenFiles()
 
     async def load(self) -> None:
         """Index what is on disk, oldest modification first (hits refresh the mtime)."""
@@ -74,6 +76,21 @@ class BlobCache:
         size = self._lru.pop(str(digest), None)
         if size is not None:
             self.total -= size
+        self.open_files.drop(str(digest))
+
+    async def open(self, digest: Digest) -> tuple[int, int]:
+        """A shared read descriptor of a cached blob and its size; give it back with
+        :meth:`release`. Raises FileNotFoundError (and forgets the blob) if the file is gone."""
+        try:
+            fd, size = await self.open_files.acquire(str(digest), self.storage.blob_path(digest))
+        except FileNotFoundError:
+            self.forget(digest)
+            raise
+        self.touch(digest)
+        return fd, size
+
+    def release(self, digest: Digest, fd: int) -> None:
+        self.open_files.release(str(digest), fd)
 
     @contextmanager
     def pinned(self, digest: Digest) -> Iterator[None]:
@@ -105,6 +122,7 @@ class BlobCache:
             if size is None:
                 continue
             self.total -= size
+            self.open_files.drop(key)
             await asyncio.to_thread(self.storage.remove, Digest.parse(key))
         if victims:
             log.info("cache_evicted", blobs=len(victims), bytes_now=self.total, budget=self.max_bytes)
@@ -112,3 +130,4 @@ class BlobCache:
     async def close(self) -> None:
         if self._evicting is not None:
             await self._evicting
+        self.open_files.close()

@@ -6,8 +6,6 @@ log line the middleware in :mod:`app` writes per request.
 
 from __future__ import annotations
 
-import asyncio
-import os
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -140,12 +138,15 @@ async def blob(
     if (digest in cache or running is not None) and not same_fetch:
         await request.app[keys.ACCESS].check(client, repository, digest)
     if digest in cache:
-        fd = await _open_cached(request, digest)
-        if fd is not None:
+        try:
+            fd, size = await cache.open(digest)
+        except FileNotFoundError:
+            pass  # removed behind our back (by hand, or disk trouble): fetch it again
+        else:
             try:
-                return await _serve_cached(request, digest, fd)
+                return await _serve_cached(request, digest, fd, size)
             finally:
-                os.close(fd)
+                cache.release(digest, fd)
     fill, started = fills.join(digest, client, repository)
     request[keys.CACHE_RESULT] = "miss" if started else "join"
     try:
@@ -154,31 +155,10 @@ async def blob(
         fills.leave(fill)
 
 
-async def _open_cached(request: web.Request, digest: Digest) -> int | None:
-    cache = request.app[keys.CACHE]
-    path = request.app[keys.STORAGE].blob_path(digest)
-    try:
-        return await asyncio.to_thread(_open_and_touch, path)
-    except FileNotFoundError:
-        # Removed behind our back (by hand, or a disk problem): fetch it again.
-        cache.forget(digest)
-        return None
-
-
-def _open_and_touch(path: os.PathLike[str]) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    # The mtime is the LRU order that survives a restart.
-    os.utime(fd)
-    return fd
-
-
-async def _serve_cached(request: web.Request, digest: Digest, fd: int) -> web.StreamResponse:
-    cache = request.app[keys.CACHE]
-    size = os.fstat(fd).st_size
+async def _serve_cached(request: web.Request, digest: Digest, fd: int, size: int) -> web.StreamResponse:
     resp, first, end = _start(request, digest, size)
     request[keys.CACHE_RESULT] = "hit"
-    cache.touch(digest)
-    with cache.pinned(digest):
+    with request.app[keys.CACHE].pinned(digest):
         return await _send_body(request, resp, fd, first, end, None)
 
 
