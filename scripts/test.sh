@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real parts the tests drive: the upstream registry (CNCF distribution), and the clients.
-DEBS=(docker-registry skopeo docker.io containerd apache2-utils nginx-light)
+DEBS=(docker-registry skopeo docker.io containerd apache2-utils nginx-light curl wrk)
 missing=()
 for pkg in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
