@@ -5,7 +5,10 @@ Everything runs on this machine, over 127.0.0.1 only:
 * upstream: Debian's ``docker-registry`` (CNCF distribution 2.8) holding one image whose single
   layer is ``--size-mib`` MiB of random bytes (an uncompressed tar, so the image is genuine);
 * proxy ``ocicache``: ``python -m proxy serve`` as a subprocess, with a fresh cache per run;
-* proxy ``distribution``: distribution's own pull-through proxy, with fresh storage per run.
+* proxy ``distribution``: distribution's own pull-through proxy, with fresh storage per run;
+* with ``--upstream-mbps X``, a link between the proxies and the upstream: a relay that passes
+  X MB/s in total, however many connections share it (:mod:`loadtests.shaper`), standing in for
+  the slow site uplink a pull-through cache is for. Without it they reach the upstream directly.
 
 For each proxy and each N, N clients (aiohttp, spread over one worker process per CPU, one
 connection each, opened before the clock starts) GET the blob cold at the same moment, read it
@@ -21,7 +24,8 @@ run checks memory under stalled clients: 20 clients that read the headers and on
 stop reading, beside one client that reads it all. Every pass over all of this is repeated
 (``--repeat``, 5 by default) and the report shows medians.
 
-Run: ``python -m loadtests.bench_coldblob [--size-mib 200] [--clients 1,4,20] [--out FILE]``.
+Run: ``python -m loadtests.bench_coldblob [--size-mib 200] [--clients 1,4,20] [--upstream-mbps X]
+[--out FILE]``.
 Every wait is bounded, and the whole run by ``--deadline`` (15 minutes by default).
 """
 
@@ -45,11 +49,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Literal
+from typing import BinaryIO, Final, Literal
 
 import aiohttp
 
 from loadtests.clients import ClientError, ClientGroup, ClientResult, Group, Job, WorkerGroup
+from loadtests.shaper import LOOPBACK, MB, ShaperError, ShaperProcess
 from tests.support.images import OCI_CONFIG, OCI_MANIFEST, Blob, push_blob, push_manifest
 from tests.support.registry import (
     LoggedRequest,
@@ -68,8 +73,10 @@ REPO: Final = "library/bench"
 ROOT: Final = Path(__file__).resolve().parent.parent
 DEFAULT_DEADLINE: Final = 15 * 60.0
 # One run (N clients reading one blob) may take at most this long, however much of the overall
-# deadline is left: a proxy that stops sending must not eat the whole budget.
+# deadline is left: a proxy that stops sending must not eat the whole budget. Over a shaped
+# link, at least RUN_TIMEOUT_LINK_FACTOR times what the link needs for the run (run_timeout).
 RUN_TIMEOUT: Final = 300.0
+RUN_TIMEOUT_LINK_FACTOR: Final = 3.0
 PROXY_START_TIMEOUT: Final = 30.0
 PROXY_STOP_TIMEOUT: Final = 15.0
 # How long the upstream's log may lag behind the last byte it sent before we call it lost.
@@ -80,6 +87,10 @@ TARGET_UPSTREAM_RATIO: Final = 1.00
 TARGET_WALL_RATIO: Final = 1.2
 TARGET_TTFB: Final = 0.250
 TARGET_STALLED_RSS: Final = 1.0 * MiB
+
+# The proxy's log lines that end a fill, and the longest line we read from its log.
+FILL_END_EVENTS: Final = ("fill_committed", "fill_failed", "fill_disk_error")
+LOG_LINE_LIMIT: Final = 1024 * 1024
 
 _BLOB_GET_RE: Final = re.compile(r"^/v2/.+/blobs/(?P<digest>[a-z0-9]+:[a-f0-9]+)(?:\?.*)?$")
 _LISTENING_RE: Final = re.compile(r"ocicache listening on (http://127\.0\.0\.1:\d+)")
@@ -106,6 +117,9 @@ class BenchConfig:
     # them in this process.
     client_procs: int = field(default_factory=lambda: os.cpu_count() or 1)
     repeat: int = 5  # passes over every proxy and N; the report shows medians
+    # Bytes/s of a shaped link between the proxies and the upstream, shared by all their
+    # connections (loadtests.shaper); None: they reach the upstream directly over loopback.
+    upstream_rate: float | None = None
     deadline: float = DEFAULT_DEADLINE
     # Where logs, caches and the upstream's storage go. None: a temp dir, removed after a
     # successful run and kept (its path reported) after a failed one.
@@ -131,6 +145,10 @@ class RunResult:
     upstream_bytes: int | None = None
     upstream_heads: int | None = None
     upstream_get_seconds: float | None = None  # the longest GET, as the upstream logged it
+    # Over a shaped link (cold runs): the bytes it carried from the upstream, headers included,
+    # and the relay's CPU seconds.
+    link_bytes: int | None = None
+    relay_cpu: float | None = None
 
 
 def _median(values: Sequence[float]) -> float:
@@ -202,6 +220,15 @@ class Row:
     def upstream_bytes(self) -> list[int]:
         return [r.upstream_bytes for r in self.runs if r.upstream_bytes is not None]
 
+    @property
+    def link_bytes(self) -> list[int]:
+        return [r.link_bytes for r in self.runs if r.link_bytes is not None]
+
+    @property
+    def relay_cpu(self) -> float | None:
+        cpu = [r.relay_cpu for r in self.runs if r.relay_cpu is not None]
+        return _median(cpu) if cpu else None
+
 
 @dataclass
 class Report:
@@ -231,6 +258,16 @@ class Report:
     def upstream_ratios(self, row: Row) -> list[float]:
         """Upstream bytes over the blob size, one per repetition."""
         return [b / self.blob_size for b in row.upstream_bytes]
+
+    def link_ratios(self, row: Row) -> list[float]:
+        """Bytes the shaped link carried downstream over the blob size, one per repetition."""
+        return [b / self.blob_size for b in row.link_bytes]
+
+    @property
+    def link_seconds(self) -> float | None:
+        """The least time one blob takes over the shaped link; None when there is none."""
+        rate = self.config.upstream_rate
+        return None if rate is None else self.blob_size / rate
 
     def wall_ratio(self, row: Row) -> float | None:
         """Median wall time over the same proxy's median cold N=1 wall time."""
@@ -416,36 +453,47 @@ async def ocicache_proxy(workdir: Path, upstream: str, loop: LoopKind) -> AsyncI
     # OCICACHE_* would override our flags' neighbours (timeouts, cache size): keep runs comparable.
     env = {k: v for k, v in os.environ.items() if not k.startswith("OCICACHE_")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    stderr = (workdir / "ocicache.stderr.log").open("wb")
+    stderr_log = workdir / "ocicache.stderr.log"
+    stderr = stderr_log.open("wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "serve",
         "--listen", "127.0.0.1:0",
         "--cache-dir", str(cache),
         "--upstream", f"docker.io={upstream}",
-        "--log-level", "warning",
+        # Info, in JSON: the fill's own log line is what settle() waits for. It costs one line
+        # per request besides, a few dozen per run.
+        "--log-level", "info",
+        "--log-format", "json",
         "--event-loop", loop,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
-        stderr=stderr,
+        stderr=asyncio.subprocess.PIPE,
         cwd=ROOT,
         env=env,
+        limit=LOG_LINE_LIMIT,
     )  # fmt: skip
-    drain: asyncio.Task[None] | None = None
+    fill_ended: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
+    readers: list[asyncio.Task[None]] = []
     try:
-        assert proc.stdout is not None
-        url = await _read_listening(proc.stdout, workdir / "ocicache.stderr.log")
+        assert proc.stdout is not None and proc.stderr is not None
+        readers.append(asyncio.create_task(_tee_log(proc.stderr, stderr, fill_ended)))
+        url = await _read_listening(proc.stdout, stderr_log)
         # Nothing else is printed on stdout, but a full pipe would block the proxy: keep reading.
-        drain = asyncio.create_task(_drain(proc.stdout))
+        readers.append(asyncio.create_task(_drain(proc.stdout)))
 
         async def settle(session: aiohttp.ClientSession) -> int:
-            # Every reader gets its last byte only after the fill committed and counted its GETs.
-            async with session.get(f"{url}/metrics") as resp:
-                text = await resp.text()
-            m = re.search(r'^ocicache_upstream_blob_gets_total\{upstream="docker\.io"\} (\S+)$', text, re.M)
-            if m is None:
-                # Renamed or gone: the marker request alone then tells when the log caught up.
-                return 0
-            return int(float(m[1]))
+            # A reader gets the final byte once the digest matched, before the fill has fsynced
+            # and renamed the file into the cache; the fill logs its end after that. Waiting for
+            # that line keeps the commit out of whatever runs next (the warm run), and gives the
+            # exact count of upstream GETs for the upstream's log to reach.
+            try:
+                fields = await asyncio.wait_for(asyncio.shield(fill_ended), LOG_TIMEOUT)
+            except TimeoutError:
+                raise BenchError(f"ocicache logged no end of its fill; see {stderr_log}") from None
+            if fields.get("event") != "fill_committed":
+                raise BenchError(f"ocicache's fill did not commit: {fields}")
+            gets = fields.get("gets")
+            return gets if isinstance(gets, int) else 0
 
         yield RunningProxy("ocicache", url, proc.pid, settle)
     finally:
@@ -456,10 +504,26 @@ async def ocicache_proxy(workdir: Path, upstream: str, loop: LoopKind) -> AsyncI
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
-        if drain is not None:
-            drain.cancel()
-            await asyncio.gather(drain, return_exceptions=True)
+        for task in readers:
+            task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
         stderr.close()
+
+
+async def _tee_log(
+    stream: asyncio.StreamReader, out: BinaryIO, fill_ended: asyncio.Future[dict[str, object]]
+) -> None:
+    """Copy the proxy's log into ``out``, and resolve ``fill_ended`` with the fields of the first
+    line that ends a fill (committed or failed)."""
+    while line := await stream.readline():
+        out.write(line)
+        out.flush()
+        if fill_ended.done() or b'"fill_' not in line:
+            continue
+        with contextlib.suppress(ValueError):
+            fields = json.loads(line)
+            if isinstance(fields, dict) and fields.get("event") in FILL_END_EVENTS:
+                fill_ended.set_result(fields)
 
 
 async def _read_listening(stdout: asyncio.StreamReader, stderr_log: Path) -> str:
@@ -517,6 +581,7 @@ class ClientRun:
     client_cpu: float
     proxy_cpu: float
     others_cpu: float
+    relay_cpu: float | None = None  # the shaping relay's CPU seconds; None without one
 
     @property
     def wall(self) -> float:
@@ -534,28 +599,45 @@ def split(count: int, parts: int) -> list[int]:
 
 
 async def run_clients(
-    base_url: str, pid: int, upstream_pid: int, digest: str, size: int, whole: int, stalled: int, procs: int
+    base_url: str,
+    pid: int,
+    upstream_pid: int,
+    digest: str,
+    size: int,
+    whole: int,
+    stalled: int,
+    procs: int,
+    *,
+    relay_pid: int | None = None,
+    timeout: float = RUN_TIMEOUT,
 ) -> ClientRun:
     """``whole`` clients read the blob to its end and ``stalled`` stop after one byte; all send at
     once. With ``procs`` > 1 the clients are spread over that many worker processes. Returns
     when the whole readers are done, after letting the stalled ones go. ``pid`` is the proxy's
-    process, ``upstream_pid`` the upstream registry's: their CPU time is measured, and what the
-    machine spent beyond them and the clients is reported as others' (a noisy-neighbour gauge)."""
+    process, ``upstream_pid`` the upstream registry's and ``relay_pid`` the shaping relay's, if
+    any: their CPU time is measured, and what the machine spent beyond them and the clients is
+    reported as others' (a noisy-neighbour gauge). ``timeout`` bounds each client's request."""
     path = f"/v2/{REPO}/blobs/{digest}"
     jobs = [
-        Job(base_url, path, digest, size, w, s)
+        Job(base_url, path, digest, size, w, s, timeout)
         for w, s in zip(split(whole, procs), split(stalled, procs), strict=True)
         if w or s
     ]
     groups: list[Group] = [WorkerGroup(j) if procs > 1 else ClientGroup(j) for j in jobs]
+
+    def sample() -> tuple[float, float, float, float, float]:
+        relay = cpu_seconds(relay_pid) if relay_pid is not None else 0.0
+        own, busy = time.process_time(), machine_task_seconds()
+        return own, cpu_seconds(pid), cpu_seconds(upstream_pid), relay, busy
+
     try:
         await asyncio.gather(*(g.connect() for g in groups))
-        before = (time.process_time(), cpu_seconds(pid), cpu_seconds(upstream_pid), machine_task_seconds())
+        before = sample()
         for group in groups:
             await group.go()
         try:
             done = await asyncio.gather(*(g.whole_done() for g in groups))
-            after = (time.process_time(), cpu_seconds(pid), cpu_seconds(upstream_pid), machine_task_seconds())
+            after = sample()
         finally:
             stalls = await asyncio.gather(*(g.release() for g in groups), return_exceptions=True)
     finally:
@@ -569,12 +651,15 @@ async def run_clients(
     failed = [r.error for r in results + stalled_results if r.error is not None]
     if failed:
         raise BenchError(f"{len(failed)} client(s) failed, first: {failed[0]}")
-    own_cpu, proxy_cpu, upstream_cpu, busy = (b - a for a, b in zip(before, after, strict=True))
+    own_cpu, proxy_cpu, upstream_cpu, relay_cpu, busy = (b - a for a, b in zip(before, after, strict=True))
     # In-process clients use this process's CPU; workers report their own, and this process
     # only waits for them (what little it spends is still ours, not a neighbour's).
     client_cpu = own_cpu if procs <= 1 else sum(cpu for _, cpu in done)
-    ours = proxy_cpu + upstream_cpu + client_cpu + (own_cpu if procs > 1 else 0.0)
-    return ClientRun(results, stalled_results, client_cpu, proxy_cpu, max(0.0, busy - ours))
+    ours = proxy_cpu + upstream_cpu + relay_cpu + client_cpu + (own_cpu if procs > 1 else 0.0)
+    return ClientRun(
+        results, stalled_results, client_cpu, proxy_cpu, max(0.0, busy - ours),
+        relay_cpu if relay_pid is not None else None,
+    )  # fmt: skip
 
 
 def _result(proxy: ProxyKind, scenario: Scenario, run: ClientRun, peak: int | None) -> RunResult:
@@ -591,16 +676,37 @@ def _result(proxy: ProxyKind, scenario: Scenario, run: ClientRun, peak: int | No
         proxy_cpu=run.proxy_cpu,
         client_cpu=run.client_cpu,
         others_cpu=run.others_cpu,
+        relay_cpu=run.relay_cpu,
     )
 
 
 # --- the benchmark -----------------------------------------------------------------------------
 
 
+@dataclass
+class Upstream:
+    """The upstream registry, and the shaped link the proxies reach it through, if any."""
+
+    registry: Registry
+    link: ShaperProcess | None = None
+
+    @property
+    def url(self) -> str:
+        """The proxies' upstream: the link if there is one. Pushes and markers go direct."""
+        return self.link.url if self.link is not None else self.registry.url
+
+
+def run_timeout(config: BenchConfig, size: int, fetches: int) -> float:
+    """The bound on one run that makes ``fetches`` upstream fetches of ``size`` bytes."""
+    if config.upstream_rate is None:
+        return RUN_TIMEOUT
+    return max(RUN_TIMEOUT, RUN_TIMEOUT_LINK_FACTOR * fetches * size / config.upstream_rate)
+
+
 async def _one_proxy_run(
     kind: ProxyKind,
     workdir: Path,
-    upstream: Registry,
+    upstream: Upstream,
     layer: Blob,
     config: BenchConfig,
     whole: int,
@@ -614,26 +720,35 @@ async def _one_proxy_run(
     # that it does not land in the middle of this run and its fsync: without this, wall times
     # of identical runs varied 3x here.
     await asyncio.to_thread(os.sync)
+    registry, link = upstream.registry, upstream.link
+    # distribution fetches once per client it streams to and once more to store the blob.
+    timeout = run_timeout(config, layer.size, whole + stalled + 1)
     try:
         async with open_proxy(kind, workdir, upstream.url, config.proxy_loop) as proxy:
 
             async def measure(stalling: int) -> ClientRun:
-                async with asyncio.timeout(RUN_TIMEOUT):
+                async with asyncio.timeout(timeout):
                     return await run_clients(
-                        proxy.url, proxy.pid, upstream.proc.pid, layer.digest, layer.size,
+                        proxy.url, proxy.pid, registry.proc.pid, layer.digest, layer.size,
                         whole, stalling, config.client_procs,
+                        relay_pid=link.pid if link is not None else None, timeout=timeout,
                     )  # fmt: skip
 
-            mark = log_mark(upstream)
+            mark = log_mark(registry)
+            link_before = await link.counters() if link is not None else None
             cold = await measure(stalled)
             min_gets = await proxy.settle(session)
             # Read before the warm run, which reuses this process and could raise its peak.
             peak = peak_rss(proxy.pid)
-            traffic = await upstream_traffic(upstream, mark, layer.digest, min_gets, session)
+            traffic = await upstream_traffic(registry, mark, layer.digest, min_gets, session)
             row = _result(kind, "stalled" if stalled else "cold", cold, peak)
             row.upstream_gets, row.upstream_bytes = len(traffic.get_bytes), sum(traffic.get_bytes)
             row.upstream_heads = traffic.heads
             row.upstream_get_seconds = max(traffic.get_seconds, default=None)
+            if link is not None and link_before is not None:
+                # The proxy has settled, so every byte it took from the link has been counted
+                # (the relay counts a byte before passing it on).
+                row.link_bytes = (await link.counters()).down - link_before.down
             results.append(row)
             if config.warm and not stalled:
                 results.append(_result(kind, "warm", await measure(0), None))
@@ -663,6 +778,12 @@ def machine_info(config: BenchConfig, registry_version: str) -> dict[str, str]:
             else f"aiohttp {aiohttp.__version__} on {loop} in the benchmark process"
         ),
         "upstream": f"docker-registry {registry_version}",
+        "link": (
+            "direct (loopback, unshaped)"
+            if config.upstream_rate is None
+            else f"shaped to {config.upstream_rate / MB:g} MB/s each way, one bucket shared by every "
+            "connection (loadtests/shaper.py, in its own process)"
+        ),
     }
 
 
@@ -687,7 +808,7 @@ async def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | N
 async def _one_pass(
     config: BenchConfig,
     root: Path,
-    upstream: Registry,
+    upstream: Upstream,
     layer: Blob,
     session: aiohttp.ClientSession,
     say: Callable[[str], None],
@@ -708,14 +829,23 @@ async def _run(config: BenchConfig, root: Path, say: Callable[[str], None]) -> R
     started = time.monotonic()
     say(f"building a {config.size / MiB:g} MiB layer")
     layer, image_config, manifest = await asyncio.to_thread(make_big_image, config.size)
-    upstream = await asyncio.to_thread(start_registry, root / "upstream")
+    registry = await asyncio.to_thread(start_registry, root / "upstream")
+    upstream = Upstream(registry)
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=RUN_TIMEOUT)) as session:
-            say(f"pushing {layer.digest} ({layer.size} bytes) to {upstream.url}")
-            await push_blob(session, upstream.url, REPO, layer)
-            await push_blob(session, upstream.url, REPO, image_config)
-            await push_manifest(session, upstream.url, REPO, "latest", manifest, OCI_MANIFEST)
-            version = next((m[1] for line in upstream.lines() if (m := _VERSION_RE.search(line))), "?")
+        async with contextlib.AsyncExitStack() as stack:
+            session = await stack.enter_async_context(
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=RUN_TIMEOUT))
+            )
+            # Pushes go direct: only the proxies' traffic crosses the shaped link.
+            say(f"pushing {layer.digest} ({layer.size} bytes) to {registry.url}")
+            await push_blob(session, registry.url, REPO, layer)
+            await push_blob(session, registry.url, REPO, image_config)
+            await push_manifest(session, registry.url, REPO, "latest", manifest, OCI_MANIFEST)
+            if config.upstream_rate is not None:
+                link = ShaperProcess((LOOPBACK, registry.port), config.upstream_rate)
+                upstream.link = await stack.enter_async_context(link)
+                say(f"upstream link: {config.upstream_rate / MB:g} MB/s through {link.url}")
+            version = next((m[1] for line in registry.lines() if (m := _VERSION_RE.search(line))), "?")
             report = Report(config, layer.digest, layer.size, machine_info(config, version))
             longest_pass = 0.0
             for rep in range(1, config.repeat + 1):
@@ -733,7 +863,7 @@ async def _run(config: BenchConfig, root: Path, say: Callable[[str], None]) -> R
                 longest_pass = max(longest_pass, time.monotonic() - pass_started)
             return report
     finally:
-        await asyncio.to_thread(upstream.stop)
+        await asyncio.to_thread(registry.stop)
 
 
 # --- the report --------------------------------------------------------------------------------
@@ -758,44 +888,58 @@ def render_markdown(report: Report) -> str:
     cfg = report.config
     m = report.machine
     reps = report.repetitions
+    link_s = report.link_seconds
+    shaped = link_s is not None
     lines = [
         "## Cold-blob single-flight benchmark",
         "",
         f"Machine: {m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}, Python {m['python']}; "
         f"ocicache event loop: {m['ocicache loop']}; clients: {m['clients']}; "
-        f"upstream: {m['upstream']}; everything on 127.0.0.1.",
+        f"upstream: {m['upstream']}; proxies' link to it: {m['link']}; everything on 127.0.0.1.",
         f"Blob: {report.blob_size} bytes ({report.blob_size / MiB:.2f} MiB, a tar of random bytes), "
-        f"`{report.blob_digest}`. {reps} pass{'es' if reps != 1 else ''}"
+        f"`{report.blob_digest}`"
+        + (f", at least {link_s:.2f} s over the link" if link_s is not None else "")
+        + f". {reps} pass{'es' if reps != 1 else ''}"
         f"{f' (of {cfg.repeat} asked)' if reps < cfg.repeat else ''}; each cell is the median over "
         "them, except where a range is shown.",
         "",
         "| proxy | run | N | upstream GETs | upstream bytes / blob | wall (s) | wall range (s) "
-        "| wall / cold N=1 | cold / warm | slowest TTFB (ms) | worst TTFB (ms) | median TTFB (ms) |",
-        "| --- | --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |",
+        "| wall / cold N=1 | cold / warm |"
+        + (" wall / link time |" if shaped else "")
+        + " slowest TTFB (ms) | worst TTFB (ms) | median TTFB (ms) |",
+        "| --- | --- | --: | --: | --: | --: | --: | --: | --: |"
+        + (" --: |" if shaped else "")
+        + " --: | --: | --: |",
     ]
     rows = report.rows()
     for row in rows:
         low, high = row.wall_range
+        over_link = f" {_fmt(row.wall / link_s, '.2f')} |" if link_s is not None else ""
         lines.append(
             f"| {row.proxy} | {row.scenario} | {_label(row)} | {_span(row.upstream_gets, 'd')} "
             f"| {_span(report.upstream_ratios(row), '.2f')} | {row.wall:.2f} | {low:.2f}–{high:.2f} "
-            f"| {_fmt(report.wall_ratio(row), '.2f')} | {_fmt(report.cold_over_warm(row), '.2f')} "
-            f"| {row.ttfb_slowest * 1000:.0f} | {row.ttfb_worst * 1000:.0f} | {row.ttfb_median * 1000:.0f} |"
+            f"| {_fmt(report.wall_ratio(row), '.2f')} | {_fmt(report.cold_over_warm(row), '.2f')} |"
+            f"{over_link} {row.ttfb_slowest * 1000:.0f} | {row.ttfb_worst * 1000:.0f} "
+            f"| {row.ttfb_median * 1000:.0f} |"
         )
     lines += [
         "",
         "| proxy | run | N | proxy peak RSS (MiB) | RSS growth / client vs N=1 (MiB) | proxy CPU (s) "
-        "| client CPU (s) | others' CPU (s) | upstream HEADs | longest upstream GET (s) |",
-        "| --- | --- | --: | --: | --: | --: | --: | --: | --: | --: |",
+        "| client CPU (s) | others' CPU (s) | upstream HEADs | longest upstream GET (s) |"
+        + (" link bytes / blob | relay CPU (s) |" if shaped else ""),
+        "| --- | --- | --: | --: | --: | --: | --: | --: | --: | --: |" + (" --: | --: |" if shaped else ""),
     ]
     for row in rows:
         growth = report.rss_growth_per_client(row)
+        link_cells = (
+            f" {_span(report.link_ratios(row), '.2f')} | {_fmt(row.relay_cpu, '.2f')} |" if shaped else ""
+        )
         lines.append(
             f"| {row.proxy} | {row.scenario} | {_label(row)} "
             f"| {_fmt(None if row.peak_rss is None else row.peak_rss / MiB, '.1f')} "
             f"| {_fmt(None if growth is None else growth / MiB, '.2f')} "
             f"| {row.proxy_cpu:.2f} | {row.client_cpu:.2f} | {row.others_cpu:.2f} "
-            f"| {_span(row.upstream_heads, 'd')} | {_fmt(row.upstream_get_seconds, '.2f')} |"
+            f"| {_span(row.upstream_heads, 'd')} | {_fmt(row.upstream_get_seconds, '.2f')} |{link_cells}"
         )
     lines += [
         "",
@@ -807,10 +951,20 @@ def render_markdown(report: Report) -> str:
         "pass's value shown) and GET durations come from the upstream registry's log. RSS: the "
         "proxy process's VmHWM; growth: (peak − cold N=1 peak) / the clients beyond the first "
         "(N − 1, or the stalled ones). CPU: seconds used during the run by the proxy process, by "
-        "all client processes, and by every other process except the upstream, plus CPU stolen "
-        "by the hypervisor (softirq time, mostly loopback TCP, is left out): a high value marks "
-        "a run disturbed by other load on the machine.",
+        "all client processes, and by every other process except the upstream"
+        + (" and the relay" if shaped else "")
+        + ", plus CPU stolen by the hypervisor (softirq time, mostly loopback TCP, is left out): a "
+        "high value marks a run disturbed by other load on the machine.",
     ]
+    if shaped:
+        lines += [
+            "",
+            "Link: the proxies reach the upstream through a relay that passes at most the link's "
+            "rate in each direction, shared by all their connections, like a site's uplink. Link "
+            "time: the blob's size over that rate. Link bytes: what the relay carried from the "
+            "upstream during the cold run, response heads included; equal to the upstream bytes "
+            "up to those heads, it shows the proxy's traffic did cross the link.",
+        ]
     targets = target_checks(report)
     if targets:
         lines += ["", "| ocicache target (issue 3) | measured | met |", "| --- | --- | --- |"]
@@ -841,6 +995,8 @@ def target_checks(report: Report) -> list[tuple[str, str, bool]]:
         fill_n, fill_1 = biggest.upstream_get_seconds, base.upstream_get_seconds if base else None
         if fill_n is not None and fill_1:
             notes.append(f"upstream GET time N={biggest.clients} / N=1: {fill_n / fill_1:.2f}x")
+        if (link_s := report.link_seconds) is not None:
+            notes.append(f"wall / link time at N={biggest.clients}: {biggest.wall / link_s:.2f}x")
         note = f" ({'; '.join(notes)})" if notes else ""
         checks.append(
             (f"wall at N={biggest.clients} within {TARGET_WALL_RATIO}x of N=1", f"{ratio:.2f}x{note}",
@@ -896,6 +1052,12 @@ def parser() -> argparse.ArgumentParser:
         help="client processes (default: one per CPU; 1 runs the clients in this process)",
     )
     p.add_argument("--proxy-loop", choices=("uvloop", "asyncio"), default="uvloop", help="ocicache's loop")
+    p.add_argument(
+        "--upstream-mbps",
+        type=float,
+        help="put a link of this many megabytes (10^6 bytes) per second, shared by all their "
+        "connections, between the proxies and the upstream (default: direct, unshaped)",
+    )
     p.add_argument("--repeat", type=int, default=5, help="passes; the report shows medians (default 5)")
     p.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE, help="seconds for the whole run")
     p.add_argument("--workdir", type=Path, help="keep everything under this directory")
@@ -904,6 +1066,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = parser().parse_args(argv)
+    if ns.upstream_mbps is not None and not 0.01 <= ns.upstream_mbps <= 100_000:
+        parser().error("--upstream-mbps must be between 0.01 and 100000")
     proxies: list[ProxyKind] = []
     for name in ns.proxies.split(","):
         if name not in ("ocicache", "distribution"):
@@ -920,6 +1084,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeat=max(1, min(ns.repeat, 50)),
         deadline=ns.deadline,
         workdir=ns.workdir,
+        upstream_rate=None if ns.upstream_mbps is None else ns.upstream_mbps * MB,
     )
 
     def progress(msg: str) -> None:
@@ -932,7 +1097,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         try:
             report = runner.run(run_benchmark(config, progress))
-        except (BenchError, ClientError, TimeoutError) as exc:
+        except (BenchError, ClientError, ShaperError, TimeoutError) as exc:
             print(f"bench_coldblob: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
     text = report.markdown()

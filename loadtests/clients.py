@@ -65,6 +65,9 @@ class Job:
     size: int
     whole: int  # clients that read the whole blob
     stalled: int  # clients that read one byte and stop
+    # Longest a request may take. Over a slow (shaped) upstream link a proxy that fetches once
+    # per client needs far longer than the default.
+    timeout: float = REQUEST_TIMEOUT
 
 
 class Group(Protocol):
@@ -129,13 +132,13 @@ async def _read_one_byte_then_stall(
     return result
 
 
-def _session(read_bufsize: int) -> aiohttp.ClientSession:
+def _session(read_bufsize: int, timeout: float) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         # One connection per client; connect() opens it before the clock starts.
         connector=aiohttp.TCPConnector(limit=1),
         auto_decompress=False,
         read_bufsize=read_bufsize,
-        timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT, sock_connect=10),
+        timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=10),
     )
 
 
@@ -144,8 +147,8 @@ class ClientGroup:
 
     def __init__(self, job: Job) -> None:
         self.job = job
-        self._sessions = [_session(READ_BUFSIZE) for _ in range(job.whole)]
-        self._sessions += [_session(STALLED_READ_BUFSIZE) for _ in range(job.stalled)]
+        self._sessions = [_session(READ_BUFSIZE, job.timeout) for _ in range(job.whole)]
+        self._sessions += [_session(STALLED_READ_BUFSIZE, job.timeout) for _ in range(job.stalled)]
         self._go = asyncio.Event()
         self._release = asyncio.Event()
         self._readers: list[asyncio.Task[ClientResult]] = []
@@ -210,7 +213,7 @@ class WorkerGroup:
     async def _expect(self, word: str) -> str:
         """The rest of the worker's next line, which must start with ``word``."""
         assert self._proc is not None and self._proc.stdout is not None
-        async with asyncio.timeout(REQUEST_TIMEOUT if word in ("whole", "stalled") else STEP_TIMEOUT):
+        async with asyncio.timeout(self.job.timeout if word in ("whole", "stalled") else STEP_TIMEOUT):
             line = (await self._proc.stdout.readline()).decode()
         head, _, rest = line.strip().partition(" ")
         if head != word:

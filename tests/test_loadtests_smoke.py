@@ -1,16 +1,23 @@
 """The cold-blob benchmark (loadtests/bench_coldblob.py) runs end to end: a small blob, one
-and two clients, ocicache only. It checks the report's shape and single-flight accounting,
-never timings (those belong to the benchmark run itself, on a quiet machine)."""
+and two clients, ocicache only, with the upstream reached directly and through the shaped link.
+It checks the report's shape and single-flight accounting, never timings (those belong to the
+benchmark run itself, on a quiet machine)."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import os
 from pathlib import Path
 
 import pytest
 
 from loadtests.bench_coldblob import BenchConfig, run_benchmark
+from loadtests.shaper import MB, Counters, Relay
 
 MiB = 1024 * 1024
+# Response heads (a few hundred bytes each) of the handful of requests a cold run makes.
+HEADS_ALLOWANCE = 16 * 1024
 
 
 # 1: clients in this process; 2: in two worker processes (loadtests.clients), as on the CLI.
@@ -49,3 +56,65 @@ async def test_benchmark_reports_one_upstream_fetch_per_blob_for_ocicache(
     text = report.markdown()
     assert "| ocicache | cold | 2 | 1 | 1.00 |" in text
     assert "| upstream bytes / blob = 1.00 at every N | N=1: 1.00, N=2: 1.00 | yes |" in text
+
+
+async def test_shaped_link_carries_the_one_upstream_fetch(tmp_path: Path) -> None:
+    """--upstream-mbps: the proxy reaches the upstream through the shaping relay, and the relay's
+    own count of what it carried matches what the upstream sent. Byte counts only: whether the
+    relay keeps to its rate is a timing, which a smoke test does not judge."""
+    config = BenchConfig(
+        size=2 * MiB,
+        clients=(1, 2),
+        proxies=("ocicache",),
+        stalled=0,
+        warm=False,
+        repeat=1,
+        client_procs=1,
+        deadline=120,
+        workdir=tmp_path,
+        upstream_rate=20 * MB,
+    )
+    report = await run_benchmark(config)
+
+    assert [(row.scenario, row.clients) for row in report.rows()] == [("cold", 1), ("cold", 2)]
+    for row in report.rows():
+        assert row.upstream_gets == [1], row
+        assert [f"{x:.2f}" for x in report.upstream_ratios(row)] == ["1.00"], row
+        # The link carried the upstream's body bytes plus the HTTP heads around them (and the
+        # proxy's few small requests besides the blob): equal up to those heads.
+        [upstream], [link] = row.upstream_bytes, row.link_bytes
+        assert upstream <= link <= upstream + HEADS_ALLOWANCE, row
+        assert row.relay_cpu is not None
+
+    text = report.markdown()
+    assert "shaped to 20 MB/s each way" in text
+    assert "| ocicache | cold | 2 | 1 | 1.00 |" in text
+
+
+async def test_relay_passes_both_directions_intact_and_counts_them() -> None:
+    """The relay itself: bytes arrive unchanged each way, the end of a stream is passed on
+    (the server answers only after it), and the counters hold exactly what was relayed."""
+    request = os.urandom(300 * 1024)
+    answer = os.urandom(3 * MiB)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got = await reader.read()  # to EOF: the relay must pass the client's half-close on
+        writer.write(hashlib.sha256(got).digest() + answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with Relay(("127.0.0.1", port), 100 * MB) as relay:
+            reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+            writer.write(request)
+            await writer.drain()
+            writer.write_eof()
+            reply = await asyncio.wait_for(reader.read(), 30)
+            writer.close()
+            assert reply == hashlib.sha256(request).digest() + answer
+            assert relay.counters == Counters(down=len(reply), up=len(request), connections=1)
+    finally:
+        server.close()
+        await server.wait_closed()
