@@ -19,6 +19,23 @@ from aiohttp.abc import AbstractStreamWriter
 
 # Bytes per sendfile call before giving other connections a turn on the loop.
 SLICE: Final = 8 * 1024 * 1024
+# Sends at least this large run in a worker thread: sendfile releases the GIL, so the kernel's
+# copying then uses the other cores while the loop serves other connections. Smaller ones are
+# cheaper inline than the thread hop.
+THREADED_MIN: Final = 2 * 1024 * 1024
+
+
+async def _sendfile_in_thread(
+    loop: asyncio.AbstractEventLoop, out: int, fd: int, offset: int, count: int
+) -> int:
+    fut = loop.run_in_executor(None, os.sendfile, out, fd, offset, count)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        # The thread may still be about to use ``out``; the caller closes it only after this,
+        # or the number could be reused for another file and receive our bytes.
+        await asyncio.wait([fut])
+        raise
 
 
 async def _flush(transport: asyncio.Transport, writer: AbstractStreamWriter) -> None:
@@ -71,8 +88,12 @@ async def send_file(
     out = os.dup(sock.fileno())
     try:
         while count > 0:
+            size = min(count, SLICE)
             try:
-                sent = os.sendfile(out, fd, offset, min(count, SLICE))
+                if size >= THREADED_MIN:
+                    sent = await _sendfile_in_thread(loop, out, fd, offset, size)
+                else:
+                    sent = os.sendfile(out, fd, offset, size)
             except BlockingIOError:
                 await _writable(loop, out)
                 continue
@@ -82,7 +103,7 @@ async def send_file(
                 raise ConnectionResetError("file shorter than announced")
             offset += sent
             count -= sent
-            if count and sent >= SLICE:
+            if count and sent >= SLICE and size < THREADED_MIN:
                 await asyncio.sleep(0)
     finally:
         os.close(out)
