@@ -147,6 +147,13 @@ async def blob(
                 return await _serve_cached(request, digest, fd, size)
             finally:
                 cache.release(digest, fd)
+    if request.method == "HEAD" and running is None:
+        # Asking whether a blob exists is not asking for it: upstream answers, nothing downloads.
+        upstream_size = await client.blob_size(repository, digest)
+        if upstream_size is not None:
+            request[keys.CACHE_RESULT] = "pass"
+            resp, _, _ = _start(request, digest, upstream_size)
+            return resp
     fill, started = fills.join(digest, client, repository)
     request[keys.CACHE_RESULT] = "miss" if started else "join"
     try:

@@ -323,6 +323,22 @@ class UpstreamClient:
     async def blob_exists(self, repository: str, digest: Digest) -> bool:
         return await self._exists(f"/v2/{repository}/blobs/{digest}", repository, {})
 
+    async def blob_size(self, repository: str, digest: Digest) -> int | None:
+        """Upstream's answer to a blob HEAD: its size (None if it gave none); raises its error."""
+        resp = await self.request(
+            "HEAD",
+            f"/v2/{repository}/blobs/{digest}",
+            repository=repository,
+            headers={"Accept-Encoding": "identity"},
+        )
+        try:
+            if resp.status != 200:
+                raise status_error(self.name, resp, Code.BLOB_UNKNOWN)
+            length = resp.headers.get("Content-Length", "")
+            return int(length) if length.isdigit() else None
+        finally:
+            resp.release()
+
     async def manifest_exists(self, repository: str, digest: Digest) -> bool:
         return await self._exists(
             f"/v2/{repository}/manifests/{digest}", repository, {"Accept": ", ".join(MANIFEST_TYPES)}

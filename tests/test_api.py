@@ -201,3 +201,19 @@ async def test_tags_list_clamps_n(
         assert resp.headers["Link"].startswith("</v2/library/app/tags/list?")
     sent = next(s for s in fake.seen if s.path.endswith("/tags/list"))
     assert sent.query["n"] == "3"
+
+
+async def test_head_of_an_uncached_blob_asks_upstream_and_downloads_nothing(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    data = os.urandom(70_000)
+    digest = fake.add_blob(data)
+    proxy = await start_proxy({"docker.io": fake.url})
+    async with session.head(f"{proxy.url}/v2/library/app/blobs/{digest}") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Length"] == str(len(data))
+        assert resp.headers["Docker-Content-Digest"] == digest
+    async with session.head(f"{proxy.url}/v2/library/app/blobs/sha256:{'3' * 64}") as resp:
+        assert resp.status == 404
+    assert fake.count(method="GET", path_contains="/blobs/") == 0
+    assert digest not in (await proxy.cached())
