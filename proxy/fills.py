@@ -205,10 +205,11 @@ class Fills:
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def close(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Stop downloads under way; a verified one only has its commit left, so let it finish."""
+        for fill in list(self._fills.values()):
+            if fill.task is not None and not fill.verified:
+                fill.task.cancel()
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     # --- the fill task ---------------------------------------------------------------------
 
