@@ -93,7 +93,8 @@ class Fill:
         """Wait until the upstream answered; returns the blob's size if upstream told it."""
         while self.state is State.STARTING:
             await self._wait()
-        if self.state is State.FAILED and self.written == 0:
+        if self.state is State.FAILED and not self.verified:
+            # Nothing sent to this reader yet: it can still get an honest error response.
             assert self.error is not None
             raise self.error
         return self.size
@@ -110,11 +111,9 @@ class Fill:
     async def wait_beyond(self, pos: int) -> int:
         """Wait until bytes past ``pos`` may be sent; returns how far. Raises FillFailed."""
         while True:
-            # Verified bytes stay good to send even if storing them fails afterwards.
-            if self.state is State.FAILED and not self.verified:
-                raise FillFailed(str(self.error))
             limit = self.readable()
-            if limit > pos:
+            # Verified bytes stay good to send even if storing them fails afterwards.
+            if limit > pos and (self.verified or self.state is not State.FAILED):
                 return limit
             if self.state is State.FAILED:
                 raise FillFailed(str(self.error))
