@@ -127,7 +127,11 @@ class BlobCache:
         if victims:
             log.info("cache_evicted", blobs=len(victims), bytes_now=self.total, budget=self.max_bytes)
 
-    async def close(self) -> None:
+    async def settled(self) -> None:
+        """Wait for an eviction under way."""
         if self._evicting is not None:
             await self._evicting
+
+    async def close(self) -> None:
+        await self.settled()
         self.open_files.close()
