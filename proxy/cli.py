@@ -17,6 +17,8 @@ from . import __version__
 from .app import create_app
 from .config import ConfigError, Settings, load
 from .logs import configure
+from .storage import Storage
+from .verify import verify
 
 log = structlog.get_logger("ocicache")
 
@@ -56,19 +58,42 @@ def parser() -> argparse.ArgumentParser:
         default="uvloop",
         help="event loop implementation (default uvloop)",
     )
+    v = sub.add_parser(
+        "verify",
+        help="rehash every cached blob; remove those that no longer match their digest",
+        description="Rehash every cached blob and remove those whose bytes no longer match their "
+        "digest. Exit status 1 if any did. Run it while the proxy is stopped.",
+    )
+    v.add_argument("--config", type=Path, help="YAML config file (for cache_dir)")
+    v.add_argument("--cache-dir", metavar="DIR", help="cache directory (default ~/.cache/ocicache)")
+    v.add_argument("--keep", action="store_true", help="only report bad blobs, remove nothing")
     return p
 
 
 def _flags(ns: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "listen": ns.listen,
-        "cache_dir": ns.cache_dir,
-        "upstreams": ns.upstream,
-        "tag_ttl": ns.tag_ttl,
-        "max_cache_size": ns.max_cache_size,
-        "log_level": ns.log_level,
-        "log_format": ns.log_format,
+    # Each subcommand has its own subset of the flags; the ones it lacks stay unset.
+    names = {
+        "listen": "listen",
+        "cache_dir": "cache_dir",
+        "upstreams": "upstream",
+        "tag_ttl": "tag_ttl",
+        "max_cache_size": "max_cache_size",
+        "log_level": "log_level",
+        "log_format": "log_format",
     }
+    return {key: getattr(ns, attr, None) for key, attr in names.items()}
+
+
+def run_verify(settings: Settings, *, keep: bool) -> int:
+    storage = Storage(settings.cache_dir)
+    if not storage.blobs.is_dir():
+        print(f"ocicache: no cache at {settings.cache_dir}", file=sys.stderr)
+        return 2
+    report = verify(storage, remove=not keep)
+    for digest in report.bad:
+        print(f"bad: {digest}" + ("" if keep else " (removed)"))
+    print(f"checked {report.checked} blobs, {report.bytes} bytes; {len(report.bad)} bad")
+    return 1 if report.bad else 0
 
 
 async def serve(settings: Settings) -> None:
@@ -105,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ocicache: config error: {exc}", file=sys.stderr)
         return 2
     configure(settings.log_level, settings.log_format)
+    if ns.command == "verify":
+        return run_verify(settings, keep=ns.keep)
     try:
         if ns.event_loop == "uvloop":
             import uvloop
