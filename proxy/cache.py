@@ -114,18 +114,25 @@ class BlobCache:
 
     async def _evict(self) -> None:
         target = int(self.max_bytes * LOW_WATERMARK)
-        victims = choose_victims(self._lru.items(), set(self._pins), self.total, target)
-        for key in victims:
-            if key in self._pins:  # pinned since the choice was made
-                continue
-            size = self._lru.pop(key, None)
-            if size is None:
-                continue
-            self.total -= size
-            self.open_files.drop(key)
-            await asyncio.to_thread(self.storage.remove, Digest.parse(key))
-        if victims:
-            log.info("cache_evicted", blobs=len(victims), bytes_now=self.total, budget=self.max_bytes)
+        removed = 0
+        # Blobs added while we remove others may push the total over again: go round until
+        # under budget, or until everything left is pinned.
+        while self.total > self.max_bytes:
+            victims = choose_victims(self._lru.items(), set(self._pins), self.total, target)
+            if not victims:
+                break
+            for key in victims:
+                if key in self._pins:  # pinned since the choice was made
+                    continue
+                size = self._lru.pop(key, None)
+                if size is None:
+                    continue
+                self.total -= size
+                removed += 1
+                self.open_files.drop(key)
+                await asyncio.to_thread(self.storage.remove, Digest.parse(key))
+        if removed:
+            log.info("cache_evicted", blobs=removed, bytes_now=self.total, budget=self.max_bytes)
 
     async def settled(self) -> None:
         """Wait for an eviction under way."""

@@ -45,6 +45,7 @@ class Proxy:
         """Digests the cache holds once the downloads under way have ended (a client gets
         the verified final byte before the file is fsynced and renamed into the cache)."""
         await self.app[keys.FILLS].settled()
+        await self.app[keys.CACHE].settled()  # and the eviction a commit may have started
         storage = self.app[keys.STORAGE]
         return {str(b.digest) for b in storage.scan()}
 
