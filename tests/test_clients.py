@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import platform
@@ -42,6 +41,7 @@ from tests.support.images import (
     push_image,
     push_index,
 )
+from tests.support.layout import layout_blobs
 from tests.support.registry import Registry, count_blob_gets, running_registry
 
 HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}[platform.machine()]
@@ -231,16 +231,6 @@ async def run_tool(*argv: str, env: dict[str, str]) -> tuple[int, str]:
         raise
     assert proc.returncode is not None
     return proc.returncode, out.decode(errors="replace")
-
-
-def layout_blobs(layout: Path) -> dict[str, bytes]:
-    """Every blob in an OCI layout, checked against its own name."""
-    found = {}
-    for path in (layout / "blobs" / "sha256").iterdir():
-        data = path.read_bytes()
-        assert hashlib.sha256(data).hexdigest() == path.name
-        found[f"sha256:{path.name}"] = data
-    return found
 
 
 @pytest.fixture

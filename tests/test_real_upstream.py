@@ -4,22 +4,19 @@ and a restarted ocicache serves what it cached with that upstream gone."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
-import re
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 
 from tests.conftest import StartProxy
-from tests.support.images import Image, Index, make_image, make_index, push_image, push_index
+from tests.support.images import Index, make_image, make_index, push_image, push_index
+from tests.support.layout import assert_image_in_layout, layout_blobs
+from tests.support.proxyproc import serving
 from tests.support.registry import Registry, running_registry
 
 SKOPEO_TIMEOUT = 300
-ROOT = Path(__file__).resolve().parent.parent
 
 
 async def skopeo_copy(src: str, dest: Path, *extra: str) -> str:
@@ -36,22 +33,6 @@ async def skopeo_copy(src: str, dest: Path, *extra: str) -> str:
     out, _ = await asyncio.wait_for(proc.communicate(), SKOPEO_TIMEOUT)
     assert proc.returncode == 0, out.decode()
     return out.decode()
-
-
-def layout_blobs(layout: Path) -> dict[str, bytes]:
-    """Every blob in an OCI layout, checked against its own file name."""
-    found = {}
-    for path in (layout / "blobs" / "sha256").iterdir():
-        data = path.read_bytes()
-        assert hashlib.sha256(data).hexdigest() == path.name
-        found[f"sha256:{path.name}"] = data
-    return found
-
-
-def assert_image_in_layout(layout: Path, image: Image) -> None:
-    blobs = layout_blobs(layout)
-    for blob in image.blobs:
-        assert blobs[blob.digest] == blob.data
 
 
 async def test_skopeo_pulls_through_the_proxy_and_the_second_pull_is_cached(
@@ -96,29 +77,6 @@ async def test_skopeo_copies_a_multi_platform_index(
         assert_image_in_layout(tmp_path / "all", image)
 
 
-async def _serve_proxy(args: list[str]) -> AsyncIterator[str]:
-    """Run ``python -m proxy serve`` and yield its URL once it says where it listens."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "serve",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-        cwd=ROOT,
-    )
-    try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 60)
-        match = re.search(rb"listening on (http://\S+)", line)
-        assert match, line
-        yield match.group(1).decode()
-    finally:
-        proc.terminate()
-        await asyncio.wait_for(proc.wait(), 30)
-
-
 async def test_restart_serves_the_cache_with_upstream_gone(
     session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
@@ -128,45 +86,25 @@ async def test_restart_serves_the_cache_with_upstream_gone(
     with running_registry(tmp_path / "registry") as registry:
         await push_image(session, registry.url, "library/app", image, tag="v1")
         await push_index(session, registry.url, "library/multi", index, tag="v1")
-        args = [
-            "--listen",
-            "127.0.0.1:0",
-            "--cache-dir",
-            str(cache),
-            "--tag-ttl",
-            "3600",
-            "--upstream",
-            f"docker.io={registry.url}",
-        ]
-        async for url in _serve_proxy(args):
-            host = url.removeprefix("http://")
-            await skopeo_copy(f"docker://{host}/library/app:v1", tmp_path / "warm")
-            await skopeo_copy(f"docker://{host}/library/multi:v1", tmp_path / "warm-multi", "--all")
-        upstream_url = registry.url
+        upstreams = {"docker.io": registry.url}
+        async with serving(cache, upstreams, "--tag-ttl", "3600") as proxy:
+            await skopeo_copy(f"docker://{proxy.host}/library/app:v1", tmp_path / "warm")
+            await skopeo_copy(f"docker://{proxy.host}/library/multi:v1", tmp_path / "warm-multi", "--all")
     # The upstream is gone now; the proxy starts anyway and serves from its cache.
-    args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--cache-dir",
-        str(cache),
-        "--tag-ttl",
-        "3600",
-        "--upstream",
-        f"docker.io={upstream_url}",
-    ]
-    async for url in _serve_proxy(args):
-        host = url.removeprefix("http://")
-        await skopeo_copy(f"docker://{host}/library/app:v1", tmp_path / "by-tag")
+    async with serving(cache, upstreams, "--tag-ttl", "3600") as proxy:
+        await skopeo_copy(f"docker://{proxy.host}/library/app:v1", tmp_path / "by-tag")
         assert_image_in_layout(tmp_path / "by-tag", image)
-        await skopeo_copy(f"docker://{host}/library/app@{image.manifest_digest}", tmp_path / "by-digest")
+        await skopeo_copy(
+            f"docker://{proxy.host}/library/app@{image.manifest_digest}", tmp_path / "by-digest"
+        )
         assert_image_in_layout(tmp_path / "by-digest", image)
-        await skopeo_copy(f"docker://{host}/library/multi:v1", tmp_path / "multi", "--all")
+        await skopeo_copy(f"docker://{proxy.host}/library/multi:v1", tmp_path / "multi", "--all")
         assert layout_blobs(tmp_path / "multi")[index.digest] == index.manifest
-        async with session.get(f"{url}/v2/library/app/blobs/{image.layers[1].digest}") as resp:
+        async with session.get(f"{proxy.url}/v2/library/app/blobs/{image.layers[1].digest}") as resp:
             assert resp.status == 200
             assert await resp.read() == image.layers[1].data
         # Something never cached is an honest 503, not a hang or a 500.
-        async with session.get(f"{url}/v2/library/other/manifests/v1") as resp:
+        async with session.get(f"{proxy.url}/v2/library/other/manifests/v1") as resp:
             assert resp.status == 503
             assert json.loads(await resp.read())["errors"][0]["code"] == "UNAVAILABLE"
     assert not os.listdir(cache / "tmp")
