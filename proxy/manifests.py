@@ -30,6 +30,8 @@ from .upstream import MANIFEST_TYPES, ManifestReply, UpstreamClient
 log = structlog.get_logger("ocicache.manifests")
 
 DEFAULT_ACCEPT: Final = ", ".join(MANIFEST_TYPES)
+# Recently served manifests kept in memory; manifests are small and read on every pull.
+BODIES_MEMORY: Final = 64 * 1024 * 1024
 # What we fall back to when stale content may be served instead of an upstream failure.
 _SERVE_STALE_ON: Final = frozenset({Code.UNAVAILABLE, Code.UPSTREAM_ERROR, Code.TOOMANYREQUESTS})
 
@@ -82,8 +84,12 @@ class ManifestStore:
         self.cache = cache
         self.access = access
         self.tag_ttl = tag_ttl
-        # Mirrors of the on-disk records, so a warm tag costs no thread hop.
+        # Mirrors of the on-disk records and of recently served manifests (with their media
+        # type), so that a warm tag or digest costs no thread hop and no file read.
         self._records: LRUCache[str, dict[str, Any]] = LRUCache(maxsize=20000)
+        self._bodies: LRUCache[Digest, tuple[bytes, str]] = LRUCache(
+            maxsize=BODIES_MEMORY, getsizeof=lambda entry: len(entry[0])
+        )
 
     # --- records -----------------------------------------------------------------------------
 
@@ -100,16 +106,22 @@ class ManifestStore:
         await asyncio.to_thread(self.storage.write_record, key, rec)
 
     async def _stored(self, digest: Digest) -> tuple[bytes, str] | None:
+        # The cache index decides: a manifest evicted from disk is not served from memory.
         if digest not in self.cache:
             return None
+        self.cache.touch(digest)
+        remembered = self._bodies.get(digest)
+        if remembered is not None:
+            return remembered
         body = await asyncio.to_thread(self.storage.read_bytes, digest)
         if body is None:
             self.cache.forget(digest)
             return None
-        self.cache.touch(digest)
         meta = await self._record(f"manifest {digest}")
         media_type = meta.get("media_type") if meta else None
-        return body, media_type if isinstance(media_type, str) else media_type_of(body)
+        stored = (body, media_type if isinstance(media_type, str) else media_type_of(body))
+        self._bodies[digest] = stored
+        return stored
 
     async def _keep(
         self, upstream: UpstreamClient, repository: str, reply: ManifestReply, digest: Digest
@@ -165,12 +177,16 @@ class ManifestStore:
     ) -> Served:
         key = f"tag {upstream.name} {repository} {tag}"
         rec = await self._record(key) or {"types": {}}
-        wanted = accepted_types(accept_headers)
-        candidate = _pick(rec, wanted)
-        stored = await self._stored(Digest.parse(candidate["digest"])) if candidate else None
+        candidate = _pick(rec, accepted_types(accept_headers))
+        known = Digest.parse(candidate["digest"]) if candidate else None
+        stored = await self._stored(known) if known else None
+
+        def ours(source: Source) -> Served:
+            assert known is not None and stored is not None
+            return Served(stored[0], stored[1], known, len(stored[0]), source)
+
         if candidate and stored and time.time() - float(candidate["fetched"]) < self.tag_ttl:
-            body, media_type = stored
-            return Served(body, media_type, Digest.parse(candidate["digest"]), len(body), "hit")
+            return ours("hit")
 
         accept = upstream_accept(accept_headers)
         try:
@@ -180,8 +196,7 @@ class ManifestStore:
                 if probe.digest is not None and probe.digest == candidate["digest"]:
                     candidate["fetched"] = time.time()
                     await self._save(key, rec)
-                    body, media_type = stored
-                    return Served(body, media_type, Digest.parse(probe.digest), len(body), "revalidated")
+                    return ours("revalidated")
             reply = await upstream.manifest("GET", repository, tag, accept)
         except OciError as err:
             if candidate and stored and err.code in _SERVE_STALE_ON:
@@ -192,8 +207,7 @@ class ManifestStore:
                     tag=tag,
                     reason=err.code.value,
                 )
-                body, media_type = stored
-                return Served(body, media_type, Digest.parse(candidate["digest"]), len(body), "stale")
+                return ours("stale")
             raise
         digest = _digest_of(reply)
         await self._keep(upstream, repository, reply, digest)
