@@ -18,6 +18,12 @@ def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+async def expect_error(session: aiohttp.ClientSession, url: str, status: int, code: str) -> None:
+    async with session.get(url) as resp:
+        assert resp.status == status
+        assert_oci_error(await resp.read(), code)
+
+
 def assert_oci_error(body: bytes, code: str) -> None:
     doc = json.loads(body)
     assert doc["errors"][0]["code"] == code
@@ -112,12 +118,8 @@ async def test_unknown_manifest_and_blob_are_404(
     start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy({"docker.io": fake.url})
-    async with session.get(f"{proxy.url}/v2/library/app/manifests/nope") as resp:
-        assert resp.status == 404
-        assert_oci_error(await resp.read(), "MANIFEST_UNKNOWN")
-    async with session.get(f"{proxy.url}/v2/library/app/blobs/sha256:{'1' * 64}") as resp:
-        assert resp.status == 404
-        assert_oci_error(await resp.read(), "BLOB_UNKNOWN")
+    await expect_error(session, f"{proxy.url}/v2/library/app/manifests/nope", 404, "MANIFEST_UNKNOWN")
+    await expect_error(session, f"{proxy.url}/v2/library/app/blobs/sha256:{'1' * 64}", 404, "BLOB_UNKNOWN")
 
 
 async def test_manifest_fetched_by_digest_is_verified(
@@ -128,9 +130,7 @@ async def test_manifest_fetched_by_digest_is_verified(
     # The fake now answers that digest with other bytes.
     fake._manifests[("library/app", digest)] = (image.manifest + b" ", OCI_MANIFEST)
     proxy = await start_proxy({"docker.io": fake.url})
-    async with session.get(f"{proxy.url}/v2/library/app/manifests/{digest}") as resp:
-        assert resp.status == 502
-        assert_oci_error(await resp.read(), "UPSTREAM_ERROR")
+    await expect_error(session, f"{proxy.url}/v2/library/app/manifests/{digest}", 502, "UPSTREAM_ERROR")
     assert digest not in (await proxy.cached())
 
 
@@ -168,12 +168,8 @@ async def test_upstream_down_and_nothing_cached_is_503(
     start_proxy: StartProxy, session: aiohttp.ClientSession, unused_tcp_port: int
 ) -> None:
     proxy = await start_proxy({"docker.io": f"http://127.0.0.1:{unused_tcp_port}"})
-    async with session.get(f"{proxy.url}/v2/library/app/manifests/v1") as resp:
-        assert resp.status == 503
-        assert_oci_error(await resp.read(), "UNAVAILABLE")
-    async with session.get(f"{proxy.url}/v2/library/app/blobs/sha256:{'2' * 64}") as resp:
-        assert resp.status == 503
-        assert_oci_error(await resp.read(), "UNAVAILABLE")
+    await expect_error(session, f"{proxy.url}/v2/library/app/manifests/v1", 503, "UNAVAILABLE")
+    await expect_error(session, f"{proxy.url}/v2/library/app/blobs/sha256:{'2' * 64}", 503, "UNAVAILABLE")
 
 
 async def test_upstream_429_is_429_with_retry_after(

@@ -52,7 +52,7 @@ async def fetch_expecting_abort(session: aiohttp.ClientSession, url: str) -> int
     return got
 
 
-async def blob_url(proxy: Proxy, digest: str) -> str:
+def blob_url(proxy: Proxy, digest: str) -> str:
     return f"{proxy.url}/v2/library/app/blobs/{digest}"
 
 
@@ -63,15 +63,13 @@ async def test_fifty_concurrent_clients_share_one_upstream_get(
     digest = fake.add_blob(data)
     fake.faults[digest] = BlobFaults(stall_at=4 * MiB)
     proxy = await start_proxy({"docker.io": fake.url})
-    url = await blob_url(proxy, digest)
+    url = blob_url(proxy, digest)
     all_joined = users_reached(proxy, 50)
     clients = [asyncio.create_task(fetch(session, url)) for _ in range(50)]
     # Every client is attached to the one download before upstream sends the second half.
     await all_joined.wait()
     await fake.faults[digest].stalled.wait()
-    release = fake.faults[digest].release
-    assert release is not None
-    release.set()
+    fake.faults[digest].resume()
     bodies = await asyncio.gather(*clients)
     assert all(sha(body) == digest for body in bodies)
     assert fake.count(origin="registry", method="GET", path_contains="/blobs/") == 1
@@ -88,7 +86,7 @@ async def test_headers_and_first_bytes_arrive_before_the_download_ends(
     digest = fake.add_blob(data)
     fake.faults[digest] = BlobFaults(stall_at=1 * MiB)
     proxy = await start_proxy({"docker.io": fake.url})
-    url = await blob_url(proxy, digest)
+    url = blob_url(proxy, digest)
     async with session.get(url) as first, session.get(url) as joiner:
         for resp in (first, joiner):
             assert resp.status == 200
@@ -98,9 +96,7 @@ async def test_headers_and_first_bytes_arrive_before_the_download_ends(
         async with session.head(url) as head:  # HEAD under fill answers from the fill's size
             assert head.status == 200
             assert head.headers["Content-Length"] == str(len(data))
-        release = fake.faults[digest].release
-        assert release is not None
-        release.set()
+        fake.faults[digest].resume()
         assert await first.content.read() == data[512 * 1024 :]
         assert await joiner.content.read() == data[512 * 1024 :]
 
@@ -112,16 +108,14 @@ async def test_first_client_leaving_early_does_not_stop_the_others(
     digest = fake.add_blob(data)
     fake.faults[digest] = BlobFaults(stall_at=2 * MiB)
     proxy = await start_proxy({"docker.io": fake.url})
-    url = await blob_url(proxy, digest)
+    url = blob_url(proxy, digest)
     joined = users_reached(proxy, 4)
     leaver = await session.get(url)
     others = [asyncio.create_task(fetch(session, url)) for _ in range(3)]
     await joined.wait()
     await leaver.content.readexactly(MiB)  # 10%, then it hangs up
     leaver.close()
-    release = fake.faults[digest].release
-    assert release is not None
-    release.set()
+    fake.faults[digest].resume()
     assert all(body == data for body in await asyncio.gather(*others))
     assert digest in (await proxy.cached())
 
@@ -133,15 +127,13 @@ async def test_fill_completes_when_every_client_has_left(
     digest = fake.add_blob(data)
     fake.faults[digest] = BlobFaults(stall_at=MiB)
     proxy = await start_proxy({"docker.io": fake.url})
-    url = await blob_url(proxy, digest)
+    url = blob_url(proxy, digest)
     resp = await session.get(url)
     await resp.content.readexactly(1000)
     resp.close()
     fill = proxy.app[keys.FILLS].get(Digest.parse(digest))
     assert fill is not None and fill.task is not None
-    release = fake.faults[digest].release
-    assert release is not None
-    release.set()
+    fake.faults[digest].resume()
     await fill.task
     assert digest in (await proxy.cached())
     assert await fetch(session, url) == data
@@ -155,7 +147,7 @@ async def test_abandoned_fill_is_cancelled_when_configured(
     digest = fake.add_blob(data)
     fake.faults[digest] = BlobFaults(stall_at=MiB)
     proxy = await start_proxy({"docker.io": fake.url}, cancel_abandoned_fills=True)
-    url = await blob_url(proxy, digest)
+    url = blob_url(proxy, digest)
     resp = await session.get(url)
     await resp.content.readexactly(1000)
     fill = proxy.app[keys.FILLS].get(Digest.parse(digest))
@@ -174,7 +166,7 @@ async def test_upstream_reset_midway_is_resumed_with_range(
     digest = fake.add_blob(data)
     fake.faults[digest] = BlobFaults(reset_at=3 * MiB, reset_times=1)
     proxy = await start_proxy({"docker.io": fake.url})
-    url = await blob_url(proxy, digest)
+    url = blob_url(proxy, digest)
     bodies = await asyncio.gather(*(fetch(session, url) for _ in range(3)))
     assert all(body == data for body in bodies)
     assert fake.count(origin="registry", method="GET", path_contains="/blobs/") == 2
@@ -192,7 +184,7 @@ async def test_upstream_failing_for_good_aborts_every_client(
     digest = fake.add_blob(data)
     fake.faults[digest] = BlobFaults(reset_at=MiB, reset_times=100)
     proxy = await start_proxy({"docker.io": fake.url}, blob_retries=2)
-    url = await blob_url(proxy, digest)
+    url = blob_url(proxy, digest)
     got = await asyncio.gather(*(fetch_expecting_abort(session, url) for _ in range(3)))
     assert all(n < len(data) for n in got)
     assert digest not in (await proxy.cached())
@@ -207,13 +199,11 @@ async def test_corrupt_byte_aborts_every_client_and_nothing_is_cached(
     digest = fake.add_blob(data)
     fake.faults[digest] = BlobFaults(corrupt_at=2 * MiB, stall_at=MiB)
     proxy = await start_proxy({"docker.io": fake.url})
-    url = await blob_url(proxy, digest)
+    url = blob_url(proxy, digest)
     joined = users_reached(proxy, 5)
     clients = [asyncio.create_task(fetch_expecting_abort(session, url)) for _ in range(5)]
     await joined.wait()
-    release = fake.faults[digest].release
-    assert release is not None
-    release.set()
+    fake.faults[digest].resume()
     got = await asyncio.gather(*clients)
     # Everything but the held-back final byte may have arrived; never the whole body.
     assert all(n < len(data) for n in got)
@@ -234,7 +224,7 @@ async def test_parallel_ranges_of_a_cold_blob_share_one_download(
     digest = fake.add_blob(data)
     fake.faults[digest] = BlobFaults(stall_at=MiB)
     proxy = await start_proxy({"docker.io": fake.url})
-    url = await blob_url(proxy, digest)
+    url = blob_url(proxy, digest)
     quarter = size // 4
     spans = [(i * quarter, (i + 1) * quarter - 1) for i in range(4)]
     joined = users_reached(proxy, 32)
@@ -244,9 +234,7 @@ async def test_parallel_ranges_of_a_cold_blob_share_one_download(
         for a, b in spans
     ]
     await joined.wait()
-    release = fake.faults[digest].release
-    assert release is not None
-    release.set()
+    fake.faults[digest].resume()
     parts = await asyncio.gather(*clients)
     for i, part in enumerate(parts):
         a, b = spans[i % 4]
@@ -260,7 +248,7 @@ async def test_a_stalled_reader_holds_back_neither_the_fill_nor_fast_readers(
     data = os.urandom(32 * MiB)
     digest = fake.add_blob(data)
     proxy = await start_proxy({"docker.io": fake.url})
-    url = await blob_url(proxy, digest)
+    url = blob_url(proxy, digest)
     slow = await session.get(url)
     await slow.content.readexactly(1024)  # then reads nothing more while the rest run
     fast = await asyncio.gather(*(fetch(session, url) for _ in range(3)))
@@ -280,7 +268,7 @@ async def test_no_temp_file_remains_after_a_hundred_failed_or_abandoned_fills(
     for i in range(100):
         data = os.urandom(256 * 1024 + i)
         digest = fake.add_blob(data)
-        url = await blob_url(proxy, digest)
+        url = blob_url(proxy, digest)
         if i % 2:
             fake.faults[digest] = BlobFaults(corrupt_at=i)
             await fetch_expecting_abort(session, url)
@@ -305,7 +293,7 @@ async def test_no_task_is_left_when_the_app_shuts_down(
     digest = fake.add_blob(data)
     fake.faults[digest] = BlobFaults(stall_at=MiB)
     proxy = await start_proxy({"docker.io": fake.url})
-    url = await blob_url(proxy, digest)
+    url = blob_url(proxy, digest)
     resp = await session.get(url)
     await resp.content.readexactly(1000)
     fill = proxy.app[keys.FILLS].get(Digest.parse(digest))

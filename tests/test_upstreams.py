@@ -131,9 +131,7 @@ async def test_anonymous_token_flow_and_cdn_redirect_without_authorization(
     start_proxy: StartProxy, hub: FakeUpstream, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
     image = make_image(seed=43, layer_sizes=(300_000,))
-    hub.add_manifest("library/app", image.manifest, OCI_MANIFEST, tag="v1")
-    for blob in image.blobs:
-        hub.add_blob(blob.data)
+    hub.add_image("library/app", image, tag="v1")
     proxy = await start_with(start_proxy, tmp_path, hub_upstream(hub))
     status, body, _ = await get(session, f"{proxy.url}/v2/app/manifests/v1")
     assert (status, body) == (200, image.manifest)
@@ -274,9 +272,7 @@ async def test_credentials_never_reach_clients_or_logs(
     configure("debug", "json")  # everything the proxy can log
     image = make_image(seed=49)
     hub.private_repos.add("team/private")
-    hub.add_manifest("team/private", image.manifest, OCI_MANIFEST, tag="v1")
-    for blob in image.blobs:
-        hub.add_blob(blob.data)
+    hub.add_image("team/private", image, tag="v1")
     proxy = await start_with(start_proxy, tmp_path, hub_upstream(hub, username=USER, password=SECRET))
     seen: list[str] = []
     urls = [
@@ -335,9 +331,7 @@ async def test_rate_limited_upstream(
     start_proxy: StartProxy, fake: FakeUpstream, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
     image = make_image(seed=51, layer_sizes=(5000,))
-    fake.add_manifest("library/app", image.manifest, OCI_MANIFEST, tag="v1")
-    for blob in image.blobs:
-        fake.add_blob(blob.data)
+    fake.add_image("library/app", image, tag="v1")
     fake.ratelimit_remaining = 77
     proxy = await start_with(start_proxy, tmp_path, upstream("docker.io", fake.url), tag_ttl=0.0)
     assert (await get(session, f"{proxy.url}/v2/app/manifests/v1"))[0] == 200
@@ -415,9 +409,7 @@ async def test_resume_after_reset_renews_token_and_signed_url(
     # While the download hangs, its token and its signed CDN URL both expire; then it breaks.
     hub.expire_tokens()
     hub.expire_signatures()
-    release = hub.faults[digest].release
-    assert release is not None
-    release.set()
+    hub.faults[digest].resume()
     status, body, _ = await fetch
     assert (status, body) == (200, data)
     assert hub.count(origin="token") == 2

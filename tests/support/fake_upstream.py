@@ -24,6 +24,8 @@ from typing import Literal, Self
 from aiohttp import encode_basic_auth, web
 from aiohttp.typedefs import Handler, Middleware
 
+from tests.support.images import Image
+
 Origin = Literal["registry", "token", "cdn"]
 SERVICE = "fake-registry"
 CHUNK = 64 * 1024
@@ -63,6 +65,11 @@ class BlobFaults:
     def __post_init__(self) -> None:
         if self.stall_at is not None and self.release is None:
             self.release = asyncio.Event()
+
+    def resume(self) -> None:
+        """Let a stalled body go on."""
+        assert self.release is not None, "these faults have no stall"
+        self.release.set()
 
 
 @dataclass
@@ -147,6 +154,12 @@ class FakeUpstream:
         if tag is not None:
             tags[tag] = digest
         return digest
+
+    def add_image(self, name: str, image: Image, tag: str | None = None) -> str:
+        """An image's blobs, and its manifest under ``name`` (and ``tag``); its digest."""
+        for blob in image.blobs:
+            self.add_blob(blob.data)
+        return self.add_manifest(name, image.manifest, image.media_type, tag=tag)
 
     def count(
         self,
