@@ -18,18 +18,18 @@ import argparse
 import asyncio
 import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Final, Protocol
 
 import aiohttp
 
+from loadtests.procs import spawn_module
+
 MiB: Final = 1024 * 1024
-ROOT: Final = Path(__file__).resolve().parent.parent
+
 # Client read buffer: large pieces mean fewer wake-ups and hash calls per byte.
 READ_BUFSIZE: Final = 1 * MiB
 # A stalled client keeps aiohttp's default buffer, so that it stops taking bytes early and the
@@ -221,15 +221,7 @@ class WorkerGroup:
         return rest
 
     async def connect(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "loadtests.clients", json.dumps(asdict(self.job)),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            cwd=ROOT,
-            env=env,
-        )  # fmt: skip
+        self._proc = await spawn_module("loadtests.clients", json.dumps(asdict(self.job)))
         self.pid = self._proc.pid
         await self._expect("ready")
 

@@ -26,18 +26,18 @@ import asyncio
 import contextlib
 import fcntl
 import json
-import os
 import socket
 import sys
 import termios
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Final, Literal, Self
 
+from loadtests.procs import spawn_module
+
 MB: Final = 1_000_000  # the link rate is in megabytes (10^6) per second, as links are sold
-ROOT: Final = Path(__file__).resolve().parent.parent
+
 LOOPBACK: Final = "127.0.0.1"
 STEP_TIMEOUT: Final = 30.0  # start-up and answers to commands
 # A grant is about this much of the link's time: small enough that 20 downloads take turns
@@ -275,16 +275,9 @@ class ShaperProcess:
             return (await self._proc.stdout.readline()).decode().strip()
 
     async def start(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "loadtests.shaper",
-            "--target", f"{self.target[0]}:{self.target[1]}", "--rate", repr(self.rate),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            cwd=ROOT,
-            env=env,
-        )  # fmt: skip
+        self._proc = await spawn_module(
+            "loadtests.shaper", "--target", f"{self.target[0]}:{self.target[1]}", "--rate", repr(self.rate)
+        )
         self.pid = self._proc.pid
         head, _, port = (await self._line()).partition(" ")
         if head != "listening" or not port.isdigit():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from dataclasses import dataclass
 
 import aiohttp
 import pytest
@@ -120,43 +121,55 @@ async def test_first_client_leaving_early_does_not_stop_the_others(
     assert digest in (await proxy.cached())
 
 
-async def test_fill_completes_when_every_client_has_left(
-    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
-) -> None:
+@dataclass
+class Reading:
+    """A client part-way through a cold blob whose upstream is stalled at 1 MiB."""
+
+    proxy: Proxy
+    data: bytes
+    digest: str
+    url: str
+    resp: aiohttp.ClientResponse
+    fill: Fill
+    task: asyncio.Task[None]
+
+
+async def stalled_reading(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession, **settings: object
+) -> Reading:
     data = os.urandom(3 * MiB)
     digest = fake.add_blob(data)
     fake.faults[digest] = BlobFaults(stall_at=MiB)
-    proxy = await start_proxy({"docker.io": fake.url})
+    proxy = await start_proxy({"docker.io": fake.url}, **settings)
     url = blob_url(proxy, digest)
     resp = await session.get(url)
     await resp.content.readexactly(1000)
-    resp.close()
     fill = proxy.app[keys.FILLS].get(Digest.parse(digest))
     assert fill is not None and fill.task is not None
-    fake.faults[digest].resume()
-    await fill.task
-    assert digest in (await proxy.cached())
-    assert await fetch(session, url) == data
+    return Reading(proxy, data, digest, url, resp, fill, fill.task)
+
+
+async def test_fill_completes_when_every_client_has_left(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    r = await stalled_reading(start_proxy, fake, session)
+    r.resp.close()
+    fake.faults[r.digest].resume()
+    await r.task
+    assert r.digest in (await r.proxy.cached())
+    assert await fetch(session, r.url) == r.data
     assert fake.count(origin="registry", method="GET", path_contains="/blobs/") == 1
 
 
 async def test_abandoned_fill_is_cancelled_when_configured(
     start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
 ) -> None:
-    data = os.urandom(3 * MiB)
-    digest = fake.add_blob(data)
-    fake.faults[digest] = BlobFaults(stall_at=MiB)
-    proxy = await start_proxy({"docker.io": fake.url}, cancel_abandoned_fills=True)
-    url = blob_url(proxy, digest)
-    resp = await session.get(url)
-    await resp.content.readexactly(1000)
-    fill = proxy.app[keys.FILLS].get(Digest.parse(digest))
-    assert fill is not None and fill.task is not None
-    resp.close()
+    r = await stalled_reading(start_proxy, fake, session, cancel_abandoned_fills=True)
+    r.resp.close()
     with pytest.raises(asyncio.CancelledError):
-        await fill.task
-    assert digest not in (await proxy.cached())
-    assert proxy.temp_files() == []
+        await r.task
+    assert r.digest not in (await r.proxy.cached())
+    assert r.proxy.temp_files() == []
 
 
 async def test_upstream_reset_midway_is_resumed_with_range(
@@ -289,19 +302,11 @@ async def test_no_temp_file_remains_after_a_hundred_failed_or_abandoned_fills(
 async def test_no_task_is_left_when_the_app_shuts_down(
     start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
 ) -> None:
-    data = os.urandom(2 * MiB)
-    digest = fake.add_blob(data)
-    fake.faults[digest] = BlobFaults(stall_at=MiB)
-    proxy = await start_proxy({"docker.io": fake.url})
-    url = blob_url(proxy, digest)
-    resp = await session.get(url)
-    await resp.content.readexactly(1000)
-    fill = proxy.app[keys.FILLS].get(Digest.parse(digest))
-    assert fill is not None and fill.task is not None
-    await proxy.server.close()
-    assert fill.task.done()
+    r = await stalled_reading(start_proxy, fake, session)
+    await r.proxy.server.close()
+    assert r.task.done()
     with pytest.raises(aiohttp.ClientPayloadError):
-        await resp.content.read()  # cut off, not a clean short end
+        await r.resp.content.read()  # cut off, not a clean short end
     fill_tasks = [t for t in asyncio.all_tasks() if t.get_name().startswith("fill ")]
     assert fill_tasks == []
-    assert proxy.temp_files() == []
+    assert r.proxy.temp_files() == []
