@@ -58,9 +58,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
-from proxy.access import holder_key
-from proxy.reference import Digest
-from proxy.storage import Storage
+from proxy.core.reference import Digest
+from proxy.flows.access import holder_key
+from proxy.store.storage import Storage
 
 ClientKind = Literal["wrk", "curl", "sink"]
 

@@ -14,10 +14,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy import keys
-from proxy.app import create_app
-from proxy.config import Settings, UpstreamConfig
-from proxy.logs import configure
+from proxy.cli.logs import configure
+from proxy.core.config import Settings, UpstreamConfig
+from proxy.web import keys
+from proxy.web.app import create_app
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.registry import Registry, running_registry
 

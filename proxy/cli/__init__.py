@@ -1,0 +1,1 @@
+"""The command line: serve, verify, and logging set-up. Imports everything below."""

@@ -1,0 +1,145 @@
+"""``python -m proxy serve ...`` (also installed as ``ocicache``): flags, config, run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from proxy import __version__
+from proxy.cli.logs import configure
+from proxy.core.config import ConfigError, Settings, load
+from proxy.store.storage import Storage
+from proxy.store.verify import verify
+from proxy.web.app import create_app
+
+log = structlog.get_logger("ocicache")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ocicache",
+        description="A pull-through caching proxy for OCI container registries.",
+    )
+    p.add_argument("--version", action="version", version=f"ocicache {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser(
+        "serve",
+        help="run the proxy",
+        description="Run the proxy. Settings: flags > OCICACHE_* environment > --config file > defaults.",
+    )
+    s.add_argument("--config", type=Path, help="YAML config file (see config/ocicache.example.yaml)")
+    s.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 0.0.0.0:5000)")
+    s.add_argument("--cache-dir", metavar="DIR", help="cache directory (default ~/.cache/ocicache)")
+    s.add_argument(
+        "--upstream",
+        metavar="NAME=URL",
+        action="append",
+        help="registry clients call NAME, reached at URL; repeatable; the first is the default "
+        "for requests that name no registry. Replaces the built-in list (Docker Hub, ghcr.io, "
+        "quay.io, registry.k8s.io, gcr.io, public.ecr.aws, mcr.microsoft.com)",
+    )
+    s.add_argument("--tag-ttl", metavar="SECONDS", help="how long a tag's digest is trusted (default 60)")
+    s.add_argument(
+        "--max-cache-size", metavar="SIZE", help="disk budget for blobs, e.g. 50GiB (default 20GiB)"
+    )
+    s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
+    s.add_argument("--log-format", choices=("json", "console"), help="default json")
+    s.add_argument(
+        "--event-loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="event loop implementation (default uvloop)",
+    )
+    v = sub.add_parser(
+        "verify",
+        help="rehash every cached blob; remove those that no longer match their digest",
+        description="Rehash every cached blob and remove those whose bytes no longer match their "
+        "digest. Exit status 1 if any did. Run it while the proxy is stopped.",
+    )
+    v.add_argument("--config", type=Path, help="YAML config file (for cache_dir)")
+    v.add_argument("--cache-dir", metavar="DIR", help="cache directory (default ~/.cache/ocicache)")
+    v.add_argument("--keep", action="store_true", help="only report bad blobs, remove nothing")
+    return p
+
+
+def _flags(ns: argparse.Namespace) -> dict[str, Any]:
+    # Each subcommand has its own subset of the flags; the ones it lacks stay unset.
+    names = {
+        "listen": "listen",
+        "cache_dir": "cache_dir",
+        "upstreams": "upstream",
+        "tag_ttl": "tag_ttl",
+        "max_cache_size": "max_cache_size",
+        "log_level": "log_level",
+        "log_format": "log_format",
+    }
+    return {key: getattr(ns, attr, None) for key, attr in names.items()}
+
+
+def run_verify(settings: Settings, *, keep: bool) -> int:
+    storage = Storage(settings.cache_dir)
+    if not storage.blobs.is_dir():
+        print(f"ocicache: no cache at {settings.cache_dir}", file=sys.stderr)
+        return 2
+    report = verify(storage, remove=not keep)
+    for digest in report.bad:
+        print(f"bad: {digest}" + ("" if keep else " (removed)"))
+    print(f"checked {report.checked} blobs, {report.bytes} bytes; {len(report.bad)} bad")
+    return 1 if report.bad else 0
+
+
+async def serve(settings: Settings) -> None:
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.listen_host, settings.listen_port, backlog=1024)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    for host, port, *_ in runner.addresses:
+        shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        log.info(
+            "listening",
+            url=f"http://{shown}:{port}",
+            cache_dir=str(settings.cache_dir),
+            upstreams={u.name: u.url for u in settings.upstreams},
+        )
+        print(f"ocicache listening on http://{shown}:{port} (cache: {settings.cache_dir})", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping")
+        await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = parser().parse_args(argv)
+    try:
+        settings = load(ns.config, _flags(ns))
+    except ConfigError as exc:
+        print(f"ocicache: config error: {exc}", file=sys.stderr)
+        return 2
+    configure(settings.log_level, settings.log_format)
+    if ns.command == "verify":
+        return run_verify(settings, keep=ns.keep)
+    try:
+        if ns.event_loop == "uvloop":
+            import uvloop
+
+            uvloop.run(serve(settings))
+        else:
+            asyncio.run(serve(settings))
+    except OSError as exc:
+        print(f"ocicache: cannot serve: {exc}", file=sys.stderr)
+        return 1
+    return 0

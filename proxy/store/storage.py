@@ -1,0 +1,126 @@
+"""Content-addressed files on disk. Blocking calls: run them in a worker thread.
+
+Layout under the cache root::
+
+    blobs/<alg>/<hex>        verified content (layers, configs and manifests alike)
+    tmp/<uuid>               downloads in progress; same file system, so commit is a rename
+    records/<sha256>.json    small JSON records (tag -> digest, manifest media types), named
+                             by a hash of their key so that no client text becomes a file name
+
+A file appears under ``blobs/`` only by ``rename`` of a fully written, fsynced temp file, so a
+crash at any moment leaves either the whole verified blob or nothing. Whatever is left in
+``tmp/`` at start-up is an interrupted download and is removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from proxy.core.errors import OciError
+from proxy.core.reference import DIGEST_HEX, Digest
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBlob:
+    digest: Digest
+    size: int
+    mtime: float
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Storage:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.tmp = root / "tmp"
+        self.records = root / "records"
+
+    def prepare(self) -> None:
+        """Create the layout and drop interrupted downloads and records."""
+        for alg in DIGEST_HEX:
+            (self.blobs / alg).mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.records.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp.iterdir():
+            leftover.unlink(missing_ok=True)
+        for leftover in self.records.glob("*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+    def blob_path(self, digest: Digest) -> Path:
+        # Digest's constructor has proven hex to be lowercase hex of the algorithm's length.
+        return self.blobs / digest.algorithm / digest.hex
+
+    def new_temp(self) -> Path:
+        return self.tmp / uuid.uuid4().hex
+
+    def commit(self, temp: Path, digest: Digest) -> None:
+        """Publish a fully written and fsynced temp file as ``digest``."""
+        final = self.blob_path(digest)
+        os.rename(temp, final)
+        _fsync_dir(final.parent)
+
+    def put_bytes(self, digest: Digest, data: bytes) -> None:
+        """Store small verified content (a manifest) atomically."""
+        temp = self.new_temp()
+        with open(temp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self.commit(temp, digest)
+
+    def read_bytes(self, digest: Digest) -> bytes | None:
+        try:
+            return self.blob_path(digest).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def remove(self, digest: Digest) -> None:
+        self.blob_path(digest).unlink(missing_ok=True)
+
+    def scan(self) -> Iterator[StoredBlob]:
+        for alg in DIGEST_HEX:
+            for entry in os.scandir(self.blobs / alg):
+                try:
+                    digest = Digest.parse(f"{alg}:{entry.name}")
+                    st = entry.stat()
+                except (OSError, OciError):
+                    continue  # not ours (a stray file): leave it out of the index
+                yield StoredBlob(digest, st.st_size, st.st_mtime)
+
+    # --- records ---------------------------------------------------------------------------
+
+    def _record_path(self, key: str) -> Path:
+        return self.records / (hashlib.sha256(key.encode()).hexdigest() + ".json")
+
+    def read_record(self, key: str) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self._record_path(key).read_bytes())
+        except (FileNotFoundError, ValueError):
+            return None
+        # The key is stored inside too: a hash collision, however unlikely, is not a hit.
+        if not isinstance(data, dict) or data.get("key") != key:
+            return None
+        return data
+
+    def write_record(self, key: str, value: dict[str, Any]) -> None:
+        path = self._record_path(key)
+        temp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+        with open(temp, "wb") as f:
+            f.write(json.dumps({**value, "key": key}).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(temp, path)

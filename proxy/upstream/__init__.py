@@ -1,0 +1,1 @@
+"""Talking to registries: the client, credentials, the guarded resolver. Imports core."""

@@ -1,0 +1,419 @@
+"""The only module that talks to registries.
+
+It owns tokens, redirects and timeouts, and translates every third-party exception once, here:
+
+    OciError                       what a client may see; .code decides the HTTP status
+    ├── code UNAVAILABLE (503)     upstream unreachable, timed out, or the connection broke
+    ├── code UPSTREAM_ERROR (502)  upstream answered 5xx, garbage, a forbidden redirect, a loop
+    ├── code TOOMANYREQUESTS (429) upstream rate limit, with its Retry-After
+    └── code DENIED / *_UNKNOWN    upstream's final word on this request
+
+``UNAVAILABLE`` and ``UPSTREAM_ERROR`` are :func:`retryable`; the rest are answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+import structlog
+from cachetools import LRUCache
+from yarl import URL
+
+from proxy.core.config import Settings, UpstreamConfig
+from proxy.core.errors import Code, OciError
+from proxy.core.reference import Digest
+from proxy.core.upstreamauth import (
+    Challenge,
+    Token,
+    basic_header,
+    parse_challenge,
+    parse_token_response,
+    pull_scope,
+    realm_allowed,
+    redirect_allowed,
+    same_origin,
+    token_request_url,
+)
+from proxy.upstream.credentials import run_helper
+
+log = structlog.get_logger("ocicache.upstream")
+
+MANIFEST_TYPES: Final = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+# The spec lets registries refuse manifests over 4 MiB; we refuse to buffer more than that.
+MANIFEST_MAX: Final = 4 * 1024 * 1024
+MAX_REDIRECTS: Final = 5
+_REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
+_TRANSPORT_ERRORS: Final = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+
+def retryable(err: OciError) -> bool:
+    return err.code in (Code.UNAVAILABLE, Code.UPSTREAM_ERROR)
+
+
+def _unreachable(upstream: str, exc: BaseException) -> OciError:
+    return OciError(
+        Code.UNAVAILABLE,
+        "upstream registry unreachable",
+        {"upstream": upstream, "reason": type(exc).__name__},
+    )
+
+
+def status_error(upstream: str, resp: aiohttp.ClientResponse, unknown: Code) -> OciError:
+    """Translate a non-success upstream status into what our client gets."""
+    detail = {"upstream": upstream, "status": resp.status}
+    if resp.status == 404:
+        return OciError(unknown, "not found upstream", detail)
+    if resp.status == 429:
+        retry_after = resp.headers.get("Retry-After", "60")
+        if not retry_after.isdigit():
+            retry_after = "60"
+        return OciError(
+            Code.TOOMANYREQUESTS,
+            "upstream rate limit reached",
+            detail,
+            headers={"Retry-After": retry_after},
+        )
+    if resp.status in (401, 403):
+        return OciError(Code.DENIED, "upstream denied access", detail)
+    if resp.status == 416:
+        return OciError(Code.RANGE_INVALID, "upstream refused the range", detail)
+    return OciError(Code.UPSTREAM_ERROR, "unexpected upstream answer", detail)
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestReply:
+    body: bytes  # empty for HEAD
+    media_type: str
+    digest: str | None  # upstream's Docker-Content-Digest, if it sent one
+    size: int
+
+
+class UpstreamClient:
+    """One configured upstream registry."""
+
+    def __init__(
+        self,
+        cfg: UpstreamConfig,
+        session: aiohttp.ClientSession,
+        settings: Settings,
+        stored_credentials: tuple[str, str] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.url = URL(cfg.url)
+        self._session = session
+        self._manifest_timeout = aiohttp.ClientTimeout(total=settings.manifest_timeout)
+        self._blob_timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=settings.blob_connect_timeout,
+            sock_connect=settings.blob_connect_timeout,
+            sock_read=settings.blob_read_timeout,
+        )
+        self._tokens: LRUCache[str, Token] = LRUCache(maxsize=4096)
+        self._basic: str | None = None
+        self._token_lock = asyncio.Lock()
+        self._credentials: tuple[str, str] | None = None
+        self._credentials_until = 0.0
+        self._stored_credentials = stored_credentials
+        self.ratelimit_remaining: str | None = None
+
+    # --- credentials and tokens ------------------------------------------------------------
+
+    async def credentials(self) -> tuple[str, str] | None:
+        if self.cfg.username is not None and self.cfg.password is not None:
+            return (self.cfg.username, self.cfg.password)
+        if self.cfg.credential_command is None:
+            return self._stored_credentials
+        if self._credentials is not None and time.monotonic() < self._credentials_until:
+            return self._credentials
+        self._credentials = await run_helper(self.cfg.credential_command, self.cfg.username, self.name)
+        self._credentials_until = time.monotonic() + self.cfg.credential_ttl
+        return self._credentials
+
+    def _auth_header(self, scope: str) -> str | None:
+        token = self._tokens.get(scope)
+        if token is not None and token.fresh():
+            return f"Bearer {token.value}"
+        return self._basic
+
+    async def _authenticate(self, challenge: Challenge, scope: str) -> None:
+        creds = await self.credentials()
+        if challenge.scheme == "basic":
+            if creds is None:
+                raise OciError(Code.DENIED, "upstream requires credentials", {"upstream": self.name})
+            self._basic = basic_header(*creds)
+            return
+        if challenge.scheme != "bearer" or not challenge.realm:
+            raise OciError(Code.UPSTREAM_ERROR, "unsupported upstream challenge", {"upstream": self.name})
+        realm = URL(challenge.realm)
+        if not realm_allowed(realm, self.url, self.cfg.realm_hosts):
+            log.warning("token_realm_refused", upstream=self.name, realm_host=realm.host)
+            raise OciError(
+                Code.DENIED,
+                "upstream named a token service this proxy does not trust",
+                {"upstream": self.name},
+            )
+        async with self._token_lock:
+            token = self._tokens.get(scope)
+            if token is not None and token.fresh():
+                return
+            headers = {"Authorization": basic_header(*creds)} if creds else {}
+            url = token_request_url(challenge, scope)
+            try:
+                async with self._session.get(
+                    url, headers=headers, allow_redirects=False, timeout=self._manifest_timeout
+                ) as resp:
+                    if resp.status != 200:
+                        raise status_error(self.name, resp, Code.NAME_UNKNOWN)
+                    body = await resp.json(content_type=None)
+            except _TRANSPORT_ERRORS as exc:
+                raise _unreachable(self.name, exc) from exc
+            except ValueError as exc:
+                raise OciError(
+                    Code.UPSTREAM_ERROR, "token answer is not JSON", {"upstream": self.name}
+                ) from exc
+            token = parse_token_response(body, time.monotonic())
+            if token is None:
+                raise OciError(Code.UPSTREAM_ERROR, "token answer has no token", {"upstream": self.name})
+            self._tokens[scope] = token
+
+    # --- requests --------------------------------------------------------------------------
+
+    async def _send(
+        self, method: str, url: URL, headers: dict[str, str], timeout: aiohttp.ClientTimeout
+    ) -> aiohttp.ClientResponse:
+        """Send, following redirects ourselves: credentials stay on the upstream's origin, and
+        no redirect leads to an address we refuse."""
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                resp = await self._session.request(
+                    method, url, headers=headers, allow_redirects=False, timeout=timeout
+                )
+            except _TRANSPORT_ERRORS as exc:
+                raise _unreachable(self.name, exc) from exc
+            location = resp.headers.get("Location")
+            if resp.status not in _REDIRECTS or location is None:
+                return resp
+            resp.release()
+            target = url.join(URL(location, encoded=True))
+            if not redirect_allowed(target, self.url):
+                log.warning("redirect_refused", upstream=self.name, target_host=target.host)
+                raise OciError(
+                    Code.UPSTREAM_ERROR, "upstream redirected to a forbidden address", {"upstream": self.name}
+                )
+            if not same_origin(target, self.url):
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            if resp.status == 303:
+                method = "GET"
+            url = target
+        raise OciError(Code.UPSTREAM_ERROR, "too many upstream redirects", {"upstream": self.name})
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        repository: str,
+        headers: Mapping[str, str] | None = None,
+        timeout: aiohttp.ClientTimeout | None = None,
+        query: Mapping[str, str] | None = None,
+    ) -> aiohttp.ClientResponse:
+        """One authenticated request; the caller releases the response."""
+        url = self.url.with_path(self.url.path.rstrip("/") + path, encoded=False)
+        if query:
+            url = url.with_query(query)
+        scope = pull_scope(repository)
+        for attempt in (1, 2):
+            hdrs = dict(headers or {})
+            auth = self._auth_header(scope)
+            if auth is not None:
+                hdrs["Authorization"] = auth
+            resp = await self._send(method, url, hdrs, timeout or self._manifest_timeout)
+            self._note_ratelimit(resp)
+            if resp.status != 401 or attempt == 2:
+                return resp
+            challenge = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
+            resp.release()
+            if challenge is None:
+                raise OciError(Code.DENIED, "upstream denied access", {"upstream": self.name})
+            # A 401 with a token we already had means it expired or was revoked: get a new one.
+            self._tokens.pop(scope, None)
+            await self._authenticate(challenge, scope)
+        raise AssertionError("unreachable")
+
+    def _note_ratelimit(self, resp: aiohttp.ClientResponse) -> None:
+        remaining = resp.headers.get("ratelimit-remaining")
+        if remaining is not None and remaining != self.ratelimit_remaining:
+            self.ratelimit_remaining = remaining
+            log.info(
+                "upstream_ratelimit",
+                upstream=self.name,
+                remaining=remaining,
+                limit=resp.headers.get("ratelimit-limit"),
+            )
+
+    # --- the registry API --------------------------------------------------------------------
+
+    async def manifest(self, method: str, repository: str, reference: str, accept: str) -> ManifestReply:
+        resp = await self.request(
+            method,
+            f"/v2/{repository}/manifests/{reference}",
+            repository=repository,
+            headers={"Accept": accept, "Accept-Encoding": "identity"},
+        )
+        try:
+            if resp.status != 200:
+                raise status_error(self.name, resp, Code.MANIFEST_UNKNOWN)
+            media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+            digest = resp.headers.get("Docker-Content-Digest")
+            if method == "HEAD":
+                size = int(resp.headers.get("Content-Length", "0") or 0)
+                return ManifestReply(b"", media_type, digest, size)
+            body = await resp.content.read(MANIFEST_MAX + 1)
+            while len(body) <= MANIFEST_MAX and not resp.content.at_eof():
+                more = await resp.content.read(MANIFEST_MAX + 1 - len(body))
+                if not more:
+                    break
+                body += more
+            if len(body) > MANIFEST_MAX:
+                raise OciError(Code.UPSTREAM_ERROR, "upstream manifest too large", {"upstream": self.name})
+            return ManifestReply(body, media_type, digest, len(body))
+        except _TRANSPORT_ERRORS as exc:
+            raise _unreachable(self.name, exc) from exc
+        finally:
+            resp.release()
+
+    async def open_blob(self, repository: str, digest: Digest, offset: int = 0) -> BlobStream:
+        """Start a blob download at ``offset``. The stream must be closed by the caller."""
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        resp = await self.request(
+            "GET",
+            f"/v2/{repository}/blobs/{digest}",
+            repository=repository,
+            headers=headers,
+            timeout=self._blob_timeout,
+        )
+        if resp.status == 200:
+            start = 0
+        elif resp.status == 206 and offset:
+            ranged = _content_range_start(resp.headers.get("Content-Range", ""))
+            if ranged is None or ranged > offset:
+                resp.release()
+                raise OciError(Code.UPSTREAM_ERROR, "bad Content-Range", {"upstream": self.name})
+            start = ranged
+        else:
+            err = status_error(self.name, resp, Code.BLOB_UNKNOWN)
+            resp.release()
+            raise err
+        total = _total_size(resp, start)
+        return BlobStream(self.name, resp, start, total)
+
+    async def blob_exists(self, repository: str, digest: Digest) -> bool:
+        return await self._exists(f"/v2/{repository}/blobs/{digest}", repository, {})
+
+    async def blob_size(self, repository: str, digest: Digest) -> int | None:
+        """Upstream's answer to a blob HEAD: its size (None if it gave none); raises its error."""
+        resp = await self.request(
+            "HEAD",
+            f"/v2/{repository}/blobs/{digest}",
+            repository=repository,
+            headers={"Accept-Encoding": "identity"},
+        )
+        try:
+            if resp.status != 200:
+                raise status_error(self.name, resp, Code.BLOB_UNKNOWN)
+            length = resp.headers.get("Content-Length", "")
+            return int(length) if length.isdigit() else None
+        finally:
+            resp.release()
+
+    async def manifest_exists(self, repository: str, digest: Digest) -> bool:
+        return await self._exists(
+            f"/v2/{repository}/manifests/{digest}", repository, {"Accept": ", ".join(MANIFEST_TYPES)}
+        )
+
+    async def _exists(self, path: str, repository: str, headers: dict[str, str]) -> bool:
+        resp = await self.request("HEAD", path, repository=repository, headers=headers)
+        try:
+            if resp.status == 200:
+                return True
+            if resp.status in (401, 403, 404):
+                return False
+            raise status_error(self.name, resp, Code.BLOB_UNKNOWN)
+        finally:
+            resp.release()
+
+    async def tags(self, repository: str, query: Mapping[str, str]) -> tuple[bytes, str | None]:
+        resp = await self.request("GET", f"/v2/{repository}/tags/list", repository=repository, query=query)
+        try:
+            if resp.status != 200:
+                raise status_error(self.name, resp, Code.NAME_UNKNOWN)
+            body = await resp.content.read(MANIFEST_MAX)
+            return body, resp.headers.get("Link")
+        except _TRANSPORT_ERRORS as exc:
+            raise _unreachable(self.name, exc) from exc
+        finally:
+            resp.release()
+
+
+def _content_range_start(value: str) -> int | None:
+    # "bytes 100-199/200"
+    unit, _, rest = value.partition(" ")
+    first, dash, _ = rest.partition("-")
+    if unit != "bytes" or not dash or not first.isdigit():
+        return None
+    return int(first)
+
+
+def _total_size(resp: aiohttp.ClientResponse, start: int) -> int | None:
+    if resp.status == 206:
+        total = resp.headers.get("Content-Range", "").rpartition("/")[2]
+        return int(total) if total.isdigit() else None
+    length = resp.headers.get("Content-Length")
+    return start + int(length) if length and length.isdigit() else None
+
+
+class BlobStream:
+    """An open upstream blob body from byte ``start``; ``total`` is the whole blob's size."""
+
+    def __init__(self, upstream: str, resp: aiohttp.ClientResponse, start: int, total: int | None) -> None:
+        self._upstream = upstream
+        self._resp = resp
+        self.start = start
+        self.total = total
+
+    async def chunks(self, max_batch: int) -> AsyncIterator[bytes]:
+        """Yield the body in pieces of at most about ``max_batch``, joining what is already
+        buffered so that each piece costs one worker-thread hop downstream, not one per packet."""
+        content = self._resp.content
+        try:
+            while True:
+                first = await content.readany()
+                if not first:
+                    return
+                parts = [first]
+                size = len(first)
+                while size < max_batch:
+                    more = content.read_nowait(max_batch - size)
+                    if not more:
+                        break
+                    parts.append(more)
+                    size += len(more)
+                yield parts[0] if len(parts) == 1 else b"".join(parts)
+        except _TRANSPORT_ERRORS as exc:
+            raise _unreachable(self._upstream, exc) from exc
+
+    def close(self) -> None:
+        self._resp.close()

@@ -1,0 +1,224 @@
+"""Thin handlers: parse the request into values, call the domain, write the response.
+
+Each handler records what it did in ``request[CACHE_RESULT]`` / ``request[SENT]`` for the one
+log line the middleware in :mod:`app` writes per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.core.errors import Code, OciError
+from proxy.core.reference import Digest, Kind, parse_path, parse_range
+from proxy.core.routing import route
+from proxy.flows.fills import Fill, FillFailed
+from proxy.upstream.client import UpstreamClient
+from proxy.web import keys
+from proxy.web.zerocopy import send_file
+
+log = structlog.get_logger("ocicache.handlers")
+
+API_VERSION: Final = {"Docker-Distribution-API-Version": "registry/2.0"}
+BLOB_TYPE: Final = "application/octet-stream"
+
+
+async def base(request: web.Request) -> web.Response:
+    if request.method not in ("GET", "HEAD"):
+        raise OciError(Code.UNSUPPORTED, "this proxy serves pulls only")
+    return web.json_response({}, headers=API_VERSION)
+
+
+async def registry_api(request: web.Request) -> web.StreamResponse:
+    if request.method not in ("GET", "HEAD"):
+        raise OciError(Code.UNSUPPORTED, "this proxy serves pulls only", {"method": request.method})
+    parsed = parse_path(request.rel_url.raw_path)
+    settings = request.app[keys.SETTINGS]
+    upstreams = request.app[keys.UPSTREAMS]
+    where = route(parsed.name, request.query.get("ns"), upstreams.keys(), settings.default_upstream.name)
+    client = upstreams[where.upstream]
+    request[keys.KIND] = parsed.kind.value
+    if parsed.kind is Kind.MANIFEST:
+        assert parsed.reference is not None
+        return await manifest(request, client, where.repository, parsed.reference)
+    if parsed.kind is Kind.BLOB:
+        assert isinstance(parsed.reference, Digest)
+        return await blob(request, client, where.repository, parsed.reference)
+    return await tags(request, client, where.repository)
+
+
+async def manifest(
+    request: web.Request, client: UpstreamClient, repository: str, reference: Digest | str
+) -> web.Response:
+    store = request.app[keys.MANIFESTS]
+    served = await store.get(client, repository, reference, request.headers.getall("Accept", []))
+    request[keys.CACHE_RESULT] = served.source
+    request[keys.SENT] = 0 if request.method == "HEAD" else served.size
+    return web.Response(
+        body=served.body,
+        headers={
+            **API_VERSION,
+            "Content-Type": served.media_type,
+            "Docker-Content-Digest": str(served.digest),
+            "ETag": f'"{served.digest}"',
+        },
+    )
+
+
+async def tags(request: web.Request, client: UpstreamClient, repository: str) -> web.Response:
+    settings = request.app[keys.SETTINGS]
+    query: dict[str, str] = {}
+    n = request.query.get("n")
+    if n is not None:
+        if not n.isdigit():
+            raise OciError(Code.PAGINATION_INVALID, "n must be a number")
+        query["n"] = str(min(int(n), settings.tags_page_max))
+    else:
+        query["n"] = str(settings.tags_page_max)
+    if "last" in request.query:
+        query["last"] = request.query["last"]
+    body, link = await client.tags(repository, query)
+    headers = {**API_VERSION, "Content-Type": "application/json"}
+    if link is not None:
+        headers["Link"] = _rewrite_link(link, request.rel_url.path)
+    request[keys.CACHE_RESULT] = "pass"
+    return web.Response(body=body, headers=headers)
+
+
+def _rewrite_link(link: str, our_path: str) -> str:
+    """Point upstream's next-page link at our own path (which may carry a registry prefix)."""
+    target = link.strip().split(";")[0].strip().lstrip("<").rstrip(">")
+    _, _, query = target.partition("?")
+    return f'<{our_path}?{query}>; rel="next"'
+
+
+# --- blobs -----------------------------------------------------------------------------------
+
+
+def _blob_headers(digest: Digest) -> CIMultiDict[str]:
+    return CIMultiDict(
+        {
+            **API_VERSION,
+            "Content-Type": BLOB_TYPE,
+            "Docker-Content-Digest": str(digest),
+            "Accept-Ranges": "bytes",
+            # Content-addressed: the digest is the strongest validator there is.
+            "ETag": f'"{digest}"',
+            "Cache-Control": "max-age=31536000, immutable",
+        }
+    )
+
+
+def _start(request: web.Request, digest: Digest, size: int) -> tuple[web.StreamResponse, int, int]:
+    """The response head for a blob of ``size``, and the byte span [first, end) to send."""
+    rng = parse_range(request.headers.get("Range"), size)
+    resp = web.StreamResponse(status=206 if rng else 200, headers=_blob_headers(digest))
+    if rng is None:
+        resp.content_length = size
+        return resp, 0, size
+    resp.headers["Content-Range"] = rng.content_range(size)
+    resp.content_length = rng.length
+    return resp, rng.first, rng.last + 1
+
+
+async def blob(
+    request: web.Request, client: UpstreamClient, repository: str, digest: Digest
+) -> web.StreamResponse:
+    cache = request.app[keys.CACHE]
+    fills = request.app[keys.FILLS]
+    # A blob we hold (or are fetching) through another repository is not this one's to see
+    # until upstream says this repository has it too. Joining a fill that is fetching it for
+    # this very repository needs no such check: that fetch is upstream's answer.
+    running = fills.get(digest)
+    same_fetch = running is not None and running.upstream is client and running.repository == repository
+    if (digest in cache or running is not None) and not same_fetch:
+        await request.app[keys.ACCESS].check(client, repository, digest)
+    if digest in cache:
+        try:
+            fd, size = await cache.open(digest)
+        except FileNotFoundError:
+            pass  # removed behind our back (by hand, or disk trouble): fetch it again
+        else:
+            try:
+                return await _serve_cached(request, digest, fd, size)
+            finally:
+                cache.release(digest, fd)
+    if request.method == "HEAD" and running is None:
+        # Asking whether a blob exists is not asking for it: upstream answers, nothing downloads.
+        upstream_size = await client.blob_size(repository, digest)
+        if upstream_size is not None:
+            request[keys.CACHE_RESULT] = "pass"
+            resp, _, _ = _start(request, digest, upstream_size)
+            return resp
+    fill, started = fills.join(digest, client, repository)
+    request[keys.CACHE_RESULT] = "miss" if started else "join"
+    try:
+        return await _serve_fill(request, fill)
+    finally:
+        fills.leave(fill)
+
+
+async def _serve_cached(request: web.Request, digest: Digest, fd: int, size: int) -> web.StreamResponse:
+    resp, first, end = _start(request, digest, size)
+    request[keys.CACHE_RESULT] = "hit"
+    with request.app[keys.CACHE].pinned(digest):
+        return await _send_body(request, resp, fd, first, end, None)
+
+
+async def _serve_fill(request: web.Request, fill: Fill) -> web.StreamResponse:
+    size = await fill.started()
+    if size is None:
+        # Upstream sent no length. Streaming now would need chunked framing, which zero-copy
+        # sending bypasses; wait for the verified whole instead (registries rarely do this).
+        size = await fill.finished()
+    resp, first, end = _start(request, fill.digest, size)
+    with request.app[keys.CACHE].pinned(fill.digest):
+        return await _send_body(request, resp, fill.read_fd, first, end, fill.wait_beyond)
+
+
+async def _send_body(
+    request: web.Request,
+    resp: web.StreamResponse,
+    fd: int,
+    first: int,
+    end: int,
+    available: Callable[[int], Awaitable[int]] | None,
+) -> web.StreamResponse:
+    """Send bytes [first, end) of ``fd``; with ``available``, tail a file that is still growing."""
+    writer = await resp.prepare(request)
+    assert writer is not None
+    if request.method == "HEAD":
+        await resp.write_eof()
+        return resp
+    pos = first
+    try:
+        while pos < end:
+            limit = end if available is None else min(await available(pos), end)
+            await send_file(request, writer, fd, pos, limit - pos)
+            request[keys.SENT] = request.get(keys.SENT, 0) + (limit - pos)
+            pos = limit
+    except (FillFailed, ConnectionResetError):
+        return _abort(request, resp)
+    except Exception:
+        # Headers are gone already: the only honest way left to fail is to cut the connection.
+        log.exception("send_failed", path=request.path)
+        return _abort(request, resp)
+    await resp.write_eof()
+    return resp
+
+
+def _abort(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
+    """End the connection abruptly: a client must never take a short or bad body as whole."""
+    request[keys.ABORTED] = True
+    resp.force_close()
+    if request.transport is not None:
+        request.transport.abort()
+    return resp
+
+
+async def not_found(request: web.Request) -> web.Response:
+    raise OciError(Code.NAME_UNKNOWN, "no such endpoint")

@@ -1,0 +1,31 @@
+"""Typed keys for what the application and each request carry."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from aiohttp import web
+
+from proxy.core.config import Settings
+from proxy.flows.access import Access
+from proxy.flows.fills import Fills
+from proxy.flows.manifests import ManifestStore
+from proxy.store.cache import BlobCache
+from proxy.store.storage import Storage
+from proxy.upstream.client import UpstreamClient
+from proxy.web.metrics import Metrics
+
+SETTINGS: Final = web.AppKey("settings", Settings)
+METRICS: Final = web.AppKey("metrics", Metrics)
+STORAGE: Final = web.AppKey("storage", Storage)
+CACHE: Final = web.AppKey("cache", BlobCache)
+FILLS: Final = web.AppKey("fills", Fills)
+MANIFESTS: Final = web.AppKey("manifests", ManifestStore)
+ACCESS: Final = web.AppKey("access", Access)
+UPSTREAMS: Final = web.AppKey("upstreams", dict[str, UpstreamClient])
+
+# Per-request notes for the access log line (request-scoped dict keys).
+KIND: Final = "ocicache.kind"
+CACHE_RESULT: Final = "ocicache.cache"
+SENT: Final = "ocicache.sent"
+ABORTED: Final = "ocicache.aborted"

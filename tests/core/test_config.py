@@ -1,0 +1,110 @@
+"""Settings: defaults, YAML < env < flags, and errors that name their key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.cli.main import parser
+from proxy.core.config import DEFAULT_UPSTREAMS, ConfigError, Settings, load
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "ocicache.example.yaml"
+
+
+def test_defaults() -> None:
+    s = load(None, {}, {})
+    assert (s.listen_host, s.listen_port) == ("0.0.0.0", 5000)
+    assert s.default_upstream.name == "docker.io"
+    assert s.default_upstream.url == "https://registry-1.docker.io"
+    assert {u.name for u in s.upstreams} >= {"docker.io", "ghcr.io", "quay.io", "registry.k8s.io"}
+    assert s.tag_ttl == 60
+    assert s.cache_dir.name == "ocicache"
+
+
+def test_example_config_parses_to_the_defaults_it_documents() -> None:
+    s = load(EXAMPLE, {}, {})
+    d = Settings()
+    assert (s.listen_port, s.tag_ttl, s.max_cache_bytes) == (d.listen_port, d.tag_ttl, d.max_cache_bytes)
+    assert [u.name for u in s.upstreams] == [u.name for u in DEFAULT_UPSTREAMS]
+    assert s.cache_dir == Path("/var/cache/ocicache")
+
+
+def test_precedence_file_env_flags(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("listen: 127.0.0.1:7000\ntag_ttl: 5m\nmax_cache_size: 1GiB\nlog_format: console\n")
+    env = {"OCICACHE_TAG_TTL": "30", "OCICACHE_LISTEN": "127.0.0.1:7001"}
+    s = load(cfg, {"listen": "127.0.0.1:7002"}, env)
+    assert s.listen_port == 7002  # flag beats env beats file
+    assert s.tag_ttl == 30  # env beats file
+    assert s.max_cache_bytes == 1024**3  # file beats default
+    assert s.log_format == "console"
+
+
+def test_upstream_flags_replace_the_list_and_the_first_is_default() -> None:
+    ns = parser().parse_args(
+        [
+            "serve",
+            "--upstream",
+            "docker.io=http://127.0.0.1:5000",
+            "--upstream",
+            "ghcr.io=http://127.0.0.1:5001",
+        ]
+    )
+    s = load(None, {"upstreams": ns.upstream}, {})
+    assert [(u.name, u.url) for u in s.upstreams] == [
+        ("docker.io", "http://127.0.0.1:5000"),
+        ("ghcr.io", "http://127.0.0.1:5001"),
+    ]
+
+
+def test_env_upstreams() -> None:
+    s = load(None, {}, {"OCICACHE_UPSTREAMS": "quay.io=https://quay.io,myreg.io:5000=http://127.0.0.1:9"})
+    assert [u.name for u in s.upstreams] == ["quay.io", "myreg.io:5000"]
+
+
+def test_password_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SECRET_FOR_TEST", "s3cret")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "upstreams:\n  r.io:\n    url: https://r.io\n    username: u\n    password_env: SECRET_FOR_TEST\n"
+    )
+    up = load(cfg, {}, {}).upstreams[0]
+    assert (up.username, up.password) == ("u", "s3cret")
+    assert "s3cret" not in repr(up)
+
+
+@pytest.mark.parametrize(
+    ("layer", "key"),
+    [
+        ({"listen": "nope"}, "listen"),
+        ({"tag_ttl": "soon"}, "tag_ttl"),
+        ({"max_cache_size": "lots"}, "max_cache_size"),
+        ({"upstreams": ["docker.io"]}, "upstreams"),
+        ({"upstreams": {"docker.io": "ftp://x"}}, "upstreams.docker.io.url"),
+        ({"upstreams": {"Bad Name": "http://x"}}, "upstreams"),
+        ({"upstreams": {"a.io": {"url": "http://x", "pasword": "typo"}}}, "upstreams.a.io"),
+        ({"log_level": "loud"}, "log_level"),
+        ({"no_such_key": 1}, "no_such_key"),
+    ],
+)
+def test_errors_name_their_key(layer: dict[str, object], key: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(None, layer, {})
+    assert info.value.key == key
+
+
+def test_bad_yaml_is_a_config_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("listen: [\n")
+    with pytest.raises(ConfigError) as info:
+        load(cfg, {}, {})
+    assert info.value.key == "config"
+
+
+def test_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parser().parse_args(["serve", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--config", "--listen", "--cache-dir", "--upstream", "--tag-ttl", "--max-cache-size"):
+        assert flag in out

@@ -1,0 +1,63 @@
+"""The LRU index and its eviction choice; storage's atomic layout."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from proxy.core.reference import Digest
+from proxy.store.cache import BlobCache, choose_victims
+from proxy.store.storage import Storage
+
+
+def digest(data: bytes) -> Digest:
+    return Digest("sha256", hashlib.sha256(data).hexdigest())
+
+
+def test_choose_victims_oldest_first_skipping_pinned() -> None:
+    lru = [("a", 10), ("b", 10), ("c", 10), ("d", 10)]
+    assert choose_victims(lru, set(), 40, 25) == ["a", "b"]
+    assert choose_victims(lru, {"a"}, 40, 25) == ["b", "c"]
+    assert choose_victims(lru, {"a", "b", "c", "d"}, 40, 25) == []
+    assert choose_victims(lru, set(), 20, 25) == []
+
+
+def test_storage_prepare_removes_interrupted_downloads(tmp_path: Path) -> None:
+    s = Storage(tmp_path)
+    s.prepare()
+    (s.tmp / "partial").write_bytes(b"half a blob")
+    s.put_bytes(digest(b"whole"), b"whole")
+    s.prepare()
+    assert list(s.tmp.iterdir()) == []
+    assert [b.digest for b in s.scan()] == [digest(b"whole")]
+    # A stray file with a name that is not a digest is not indexed.
+    (s.blobs / "sha256" / "not-a-digest").write_bytes(b"x")
+    assert [b.digest for b in s.scan()] == [digest(b"whole")]
+
+
+def test_records_round_trip(tmp_path: Path) -> None:
+    s = Storage(tmp_path)
+    s.prepare()
+    s.write_record("tag docker.io library/a v1", {"x": 1})
+    assert s.read_record("tag docker.io library/a v1") == {"x": 1, "key": "tag docker.io library/a v1"}
+    assert s.read_record("tag docker.io library/a v2") is None
+
+
+async def test_eviction_keeps_pinned_and_recent(tmp_path: Path) -> None:
+    s = Storage(tmp_path)
+    s.prepare()
+    cache = BlobCache(s, max_bytes=300)
+    blobs = [bytes([i]) * 100 for i in range(3)]
+    for data in blobs:
+        s.put_bytes(digest(data), data)
+        cache.add(digest(data), len(data))
+    cache.touch(digest(blobs[0]))  # now the oldest is blobs[1]
+    with cache.pinned(digest(blobs[1])):
+        data = b"\x09" * 100
+        s.put_bytes(digest(data), data)
+        cache.add(digest(data), 100)
+        await cache.close()  # wait for the eviction it started
+    kept = {b.digest for b in s.scan()}
+    assert digest(blobs[1]) in kept  # pinned
+    assert digest(blobs[2]) not in kept  # least recently used unpinned
+    assert cache.total <= 300
