@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 from typing import Final
 
+import structlog
 from cachetools import LRUCache
 
 from proxy.core.errors import Code, OciError
 from proxy.core.reference import Digest
 from proxy.store.storage import Storage
 from proxy.upstream.client import UpstreamClient
+
+log = structlog.get_logger("ocicache.access")
 
 _MEMORY: Final = 100_000
 
@@ -32,10 +35,18 @@ class Access:
         self._known: LRUCache[str, bool] = LRUCache(maxsize=_MEMORY)
 
     async def remember(self, upstream: str, repository: str, digest: Digest) -> None:
+        """Note that upstream confirmed ``repository`` holds ``digest``. Known in memory only
+        once it is on disk too: a confirmation lost to a full disk is asked for again, rather
+        than silently missing after a restart (offline, that would refuse a pull)."""
         key = holder_key(upstream, repository, digest)
-        if key not in self._known:
-            self._known[key] = True
+        if key in self._known:
+            return
+        try:
             await asyncio.to_thread(self.storage.write_record, key, {"holds": True})
+        except OSError as exc:
+            log.warning("access_not_stored", upstream=upstream, repository=repository, error=str(exc))
+            return
+        self._known[key] = True
 
     async def check(
         self, client: UpstreamClient, repository: str, digest: Digest, *, manifest: bool = False

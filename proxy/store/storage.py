@@ -76,17 +76,21 @@ class Storage:
     def put_bytes(self, digest: Digest, data: bytes) -> None:
         """Store small verified content (a manifest) atomically."""
         temp = self.new_temp()
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        self.commit(temp, digest)
-
-    def read_bytes(self, digest: Digest) -> bytes | None:
+        _write_durably(temp, data)
         try:
-            return self.blob_path(digest).read_bytes()
+            self.commit(temp, digest)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+
+    def read_bytes(self, digest: Digest, limit: int) -> bytes | None:
+        """The stored content if it is at most ``limit`` bytes; None if absent or larger."""
+        try:
+            with open(self.blob_path(digest), "rb") as f:
+                data = f.read(limit + 1)
         except FileNotFoundError:
             return None
+        return data if len(data) <= limit else None
 
     def remove(self, digest: Digest) -> None:
         self.blob_path(digest).unlink(missing_ok=True)
@@ -119,8 +123,21 @@ class Storage:
     def write_record(self, key: str, value: dict[str, Any]) -> None:
         path = self._record_path(key)
         temp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-        with open(temp, "wb") as f:
-            f.write(json.dumps({**value, "key": key}).encode())
+        _write_durably(temp, json.dumps({**value, "key": key}).encode())
+        try:
+            os.rename(temp, path)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write and fsync a new file; on any failure (a full disk) nothing is left behind."""
+    try:
+        with open(path, "xb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.rename(temp, path)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
