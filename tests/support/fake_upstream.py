@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 import secrets
 import time
@@ -76,6 +77,11 @@ class BlobFaults:
 class _Blob:
     data: bytes
     repos: set[str] | None  # None: any repository may serve it
+
+
+def tags_key(name: str) -> str:
+    """The key of ``FakeUpstream.faults`` for the tags list of ``name``."""
+    return f"tags {name}"
 
 
 def digest_of(data: bytes) -> str:
@@ -321,7 +327,7 @@ class FakeUpstream:
         if denied is not None:
             return denied
         if kind == "tags":
-            return self._tags_list(request, name)
+            return await self._tags_list(request, name)
         if kind == "manifests":
             return await self._manifest(request, name, ref)
         return await self._registry_blob(request, name, ref)
@@ -344,7 +350,8 @@ class FakeUpstream:
             raise web.HTTPTemporaryRedirect(f"{self.cdn_url}/blobs/{digest}?sig={sig}")
         return await self._send(request, blob.data, digest, "application/octet-stream", ranged=True)
 
-    def _tags_list(self, request: web.Request, name: str) -> web.Response:
+    async def _tags_list(self, request: web.Request, name: str) -> web.StreamResponse:
+        """The tags of ``name``; streamed like a blob, so ``faults[tags_key(name)]`` applies."""
         if name not in self._tags:
             return _error(404, "NAME_UNKNOWN", f"repository unknown: {name}")
         tags = sorted(self._tags[name])
@@ -359,7 +366,10 @@ class FakeUpstream:
             if n < len(tags) and n > 0:
                 headers["Link"] = f'</v2/{name}/tags/list?n={n}&last={tags[n - 1]}>; rel="next"'
             tags = tags[: max(n, 0)]
-        return web.json_response({"name": name, "tags": tags}, headers=headers)
+        body = json.dumps({"name": name, "tags": tags}).encode()
+        return await self._send(
+            request, body, tags_key(name), "application/json", ranged=False, extra=headers
+        )
 
     async def _cdn_blob(self, request: web.Request) -> web.StreamResponse:
         if "Authorization" in request.headers:
@@ -372,9 +382,18 @@ class FakeUpstream:
         return await self._send(request, blob.data, digest, "application/octet-stream", ranged=True)
 
     async def _send(
-        self, request: web.Request, data: bytes, digest: str, media_type: str, *, ranged: bool
+        self,
+        request: web.Request,
+        data: bytes,
+        digest: str,
+        media_type: str,
+        *,
+        ranged: bool,
+        extra: dict[str, str] | None = None,
     ) -> web.StreamResponse:
-        headers = {"Content-Type": media_type, "Docker-Content-Digest": digest, "ETag": f'"{digest}"'}
+        headers = {"Content-Type": media_type, **(extra or {})}
+        if digest.startswith("sha256:"):
+            headers |= {"Docker-Content-Digest": digest, "ETag": f'"{digest}"'}
         start, stop, status = 0, len(data), 200
         if ranged:
             headers["Accept-Ranges"] = "bytes"
