@@ -19,6 +19,7 @@ from proxy.core.config import ConfigError, Settings, load
 from proxy.store.storage import Storage
 from proxy.store.verify import verify
 from proxy.web.app import create_app
+from proxy.web.runner import AppRunner
 
 log = structlog.get_logger("ocicache")
 
@@ -98,7 +99,7 @@ def run_verify(settings: Settings, *, keep: bool) -> int:
 
 async def serve(settings: Settings) -> None:
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, settings.listen_host, settings.listen_port, backlog=1024)
     await site.start()

@@ -7,6 +7,7 @@ places (``cache_dir`` / ``OCICACHE_CACHE_DIR`` / ``--cache-dir``), and every err
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -76,6 +77,11 @@ class Settings:
     tags_page_max: int = 1000
     # When every client of a download has left: finish it to warm the cache (False) or stop.
     cancel_abandoned_fills: bool = False
+    # Blob downloads open at once per upstream; more wait their turn (never time out waiting).
+    upstream_blob_connections: int = 64
+    # A Range request during a download is answered as the bytes arrive, before the digest is
+    # checked (what lazy pullers need), unless this makes it wait for the verified whole.
+    verified_ranges_only: bool = False
     log_level: str = "info"
     log_format: str = "json"
     # A Docker config.json whose "auths" supply credentials to upstreams that have none.
@@ -113,36 +119,61 @@ _SIZE_UNITS: Final = {
 _UPSTREAM_NAME: Final = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]{1,5})?|_default")
 
 
+# Longer than any timeout or TTL anyone means; larger numbers overflow the event loop's timers.
+_SECONDS_MAX: Final = 10 * 365 * 86400.0
+_SIZE_MAX: Final = 2**62
+_DIGITS: Final = re.compile(r"[0-9]+")
+
+
+def _number(value: Any) -> bool:
+    # YAML's true/false are ints to Python; a setting that wants a number never means them.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def parse_text(key: str, value: Any) -> str:
+    """A string setting. YAML turns unquoted numbers and lists into other types: say so."""
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {type(value).__name__} {value!r}")
+    return value
+
+
 def parse_size(key: str, value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if _number(value):
+        value = str(value)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", parse_text(key, value))
     if m is None or m.group(2).lower() not in _SIZE_UNITS:
         raise ConfigError(key, f"not a size: {value!r} (e.g. 500MiB, 20GiB)")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    size = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if not size <= _SIZE_MAX:
+        raise ConfigError(key, f"too large: {value!r}")
+    return int(size)
 
 
 def parse_seconds(key: str, value: Any) -> float:
-    try:
-        text = str(value).strip()
-        scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-        for suffix in ("ms", "s", "m", "h"):
+    if _number(value):
+        result = float(value)
+    else:
+        text = parse_text(key, value).strip()
+        scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+        number, unit = text, "s"
+        for suffix in ("ms", "s", "m", "h", "d"):
             if text.endswith(suffix):
-                result = float(text[: -len(suffix)]) * scale[suffix]
+                number, unit = text[: -len(suffix)], suffix
                 break
-        else:
-            result = float(text)
-    except ValueError:
-        raise ConfigError(key, f"not a duration: {value!r} (e.g. 60, 60s, 5m)") from None
-    if result < 0:
-        raise ConfigError(key, "must not be negative")
+        if not re.fullmatch(r"\s*[0-9]+(?:\.[0-9]+)?\s*", number):
+            raise ConfigError(key, f"not a duration: {value!r} (e.g. 60, 60s, 5m, 2h, 1d)")
+        result = float(number) * scale[unit]
+    if math.isnan(result) or result < 0:
+        raise ConfigError(key, f"must be a number of seconds, 0 or more, got {value!r}")
+    if result > _SECONDS_MAX:
+        raise ConfigError(key, f"too long: {value!r} (at most 10 years)")
     return result
 
 
 def parse_bool(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
+    text = str(value).strip().lower() if isinstance(value, str | int) else ""
     if text in ("1", "true", "yes", "on"):
         return True
     if text in ("0", "false", "no", "off"):
@@ -150,28 +181,35 @@ def parse_bool(key: str, value: Any) -> bool:
     raise ConfigError(key, f"not a boolean: {value!r}")
 
 
-def parse_int(key: str, value: Any) -> int:
-    try:
-        result = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(key, f"not an integer: {value!r}") from None
-    if result < 0:
-        raise ConfigError(key, "must not be negative")
+def parse_int(key: str, value: Any, minimum: int = 0, maximum: int = 1_000_000) -> int:
+    """A whole number: an int, or a string of digits (the environment). 1.9 is not one."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        result = value
+    elif isinstance(value, str) and _DIGITS.fullmatch(value.strip()) and len(value.strip()) < 10:
+        result = int(value.strip())
+    else:
+        raise ConfigError(key, f"not a whole number: {value!r}")
+    if not minimum <= result <= maximum:
+        raise ConfigError(key, f"must be between {minimum} and {maximum}, got {result}")
     return result
 
 
 def parse_listen(key: str, value: Any) -> tuple[str, int]:
-    host, sep, port = str(value).rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    host, sep, port = parse_text(key, value).rpartition(":")
+    if not sep or not _DIGITS.fullmatch(port) or len(port) > 5 or not 0 <= int(port) <= 65535:
         raise ConfigError(key, f"expected HOST:PORT, got {value!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def parse_path(key: str, value: Any) -> Path:
+    return Path(parse_text(key, value)).expanduser()
+
+
 def parse_choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
     def parse(key: str, value: Any) -> str:
-        if str(value) not in choices:
+        if not isinstance(value, str) or value not in choices:
             raise ConfigError(key, f"expected one of {', '.join(choices)}, got {value!r}")
-        return str(value)
+        return value
 
     return parse
 
@@ -179,28 +217,47 @@ def parse_choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
 def parse_upstream(key: str, name: str, spec: Any) -> UpstreamConfig:
     if not _UPSTREAM_NAME.fullmatch(name):
         raise ConfigError(key, f"invalid registry name {name!r} (e.g. docker.io, host:5000)")
+    where = f"{key}.{name}"
     if isinstance(spec, str):
         spec = {"url": spec}
     if not isinstance(spec, Mapping):
-        raise ConfigError(f"{key}.{name}", "expected a URL or a mapping with url:")
+        raise ConfigError(where, "expected a URL or a mapping with url:")
     known = {f.name for f in fields(UpstreamConfig)} - {"name"}
     unknown = set(spec) - known - {"password_env"}
     if unknown:
-        raise ConfigError(f"{key}.{name}", f"unknown keys: {', '.join(sorted(map(str, unknown)))}")
-    url = URL(str(spec.get("url", "")))
+        raise ConfigError(where, f"unknown keys: {', '.join(sorted(map(str, unknown)))}")
+
+    def text(field_name: str) -> str | None:
+        value = spec.get(field_name)
+        return None if value is None else parse_text(f"{where}.{field_name}", value)
+
+    raw_url = text("url") or ""
+    url = URL(raw_url)
     if url.scheme not in ("http", "https") or not url.host:
-        raise ConfigError(f"{key}.{name}.url", f"expected an http(s) URL, got {spec.get('url')!r}")
-    password = spec.get("password")
+        raise ConfigError(f"{where}.url", f"expected an http(s) URL, got {spec.get('url')!r}")
+    if url.user is not None or url.password is not None:
+        # It would sit in clear text in every log line that names the upstream.
+        raise ConfigError(
+            f"{where}.url", "credentials in the URL are not accepted: use username and password_env"
+        )
+    if url.query_string or url.fragment:
+        raise ConfigError(f"{where}.url", "a registry URL has no query or fragment")
+    password = text("password")
     if "password_env" in spec:
-        password = os.environ.get(str(spec["password_env"]))
+        password = os.environ.get(parse_text(f"{where}.password_env", spec["password_env"]))
+    hosts = spec.get("realm_hosts", ())
+    if isinstance(hosts, str):
+        hosts = [hosts]
+    if not isinstance(hosts, list | tuple):
+        raise ConfigError(f"{where}.realm_hosts", f"expected a list of host names, got {hosts!r}")
     return UpstreamConfig(
         name=name,
         url=str(url).rstrip("/"),
-        username=None if spec.get("username") is None else str(spec["username"]),
-        password=None if password is None else str(password),
-        credential_command=spec.get("credential_command"),
-        credential_ttl=parse_seconds(f"{key}.{name}.credential_ttl", spec.get("credential_ttl", 600)),
-        realm_hosts=tuple(str(h) for h in spec.get("realm_hosts", ())),
+        username=text("username"),
+        password=password,
+        credential_command=text("credential_command"),
+        credential_ttl=parse_seconds(f"{where}.credential_ttl", spec.get("credential_ttl", 600)),
+        realm_hosts=tuple(parse_text(f"{where}.realm_hosts", h) for h in hosts),
     )
 
 
@@ -210,14 +267,16 @@ def parse_upstreams(key: str, value: Any) -> tuple[UpstreamConfig, ...]:
     items: list[tuple[str, Any]]
     if isinstance(value, Mapping):
         items = [(str(k), v) for k, v in value.items()]
-    else:
+    elif isinstance(value, str | list | tuple):
         parts = value.split(",") if isinstance(value, str) else list(value)
         items = []
         for part in parts:
-            name, sep, url = str(part).strip().partition("=")
+            name, sep, url = parse_text(key, part).strip().partition("=")
             if not sep:
                 raise ConfigError(key, f"expected NAME=URL, got {part!r}")
             items.append((name.strip(), url.strip()))
+    else:
+        raise ConfigError(key, f"expected a mapping of registry names to URLs, got {value!r}")
     if not items:
         raise ConfigError(key, "at least one upstream is needed")
     result = tuple(parse_upstream(key, name, spec) for name, spec in items)
@@ -229,19 +288,21 @@ def parse_upstreams(key: str, value: Any) -> tuple[UpstreamConfig, ...]:
 # key -> parser into Settings field values. "listen" fills two fields.
 PARSERS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "listen": parse_listen,
-    "cache_dir": lambda k, v: Path(str(v)).expanduser(),
+    "cache_dir": parse_path,
     "upstreams": parse_upstreams,
     "tag_ttl": parse_seconds,
     "max_cache_size": parse_size,
     "manifest_timeout": parse_seconds,
     "blob_connect_timeout": parse_seconds,
     "blob_read_timeout": parse_seconds,
-    "blob_retries": parse_int,
-    "tags_page_max": parse_int,
+    "blob_retries": lambda k, v: parse_int(k, v, maximum=100),
+    "tags_page_max": lambda k, v: parse_int(k, v, minimum=1, maximum=100_000),
     "cancel_abandoned_fills": parse_bool,
+    "upstream_blob_connections": lambda k, v: parse_int(k, v, minimum=1),
+    "verified_ranges_only": parse_bool,
     "log_level": parse_choice(("debug", "info", "warning", "error")),
     "log_format": parse_choice(("json", "console")),
-    "docker_config": lambda k, v: Path(str(v)).expanduser(),
+    "docker_config": parse_path,
 }
 _FIELD_OF: Final = {"max_cache_size": "max_cache_bytes"}
 

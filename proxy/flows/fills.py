@@ -38,6 +38,8 @@ log = structlog.get_logger("ocicache.fills")
 
 # Largest piece written (and hashed) per worker-thread hop.
 WRITE_BATCH: Final = 4 * 1024 * 1024
+# Clients named in the warning when a fill that served unverified ranges fails.
+UNVERIFIED_NAMED: Final = 32
 
 
 class FillFailed(Exception):
@@ -63,9 +65,14 @@ class Fill:
         # Every byte is here and hashed to the digest: readers may have the final byte, even
         # while the file is still being fsynced and renamed into the cache.
         self.verified = False
+        # Renamed into the cache and indexed.
+        self.committed = False
         self.error: OciError | None = None
         self.read_fd = -1
         self.upstream_gets = 0
+        # Clients sent a range of this download before its digest was checked (bounded list).
+        self.unverified_readers: list[str] = []
+        self.unverified_count = 0
         self._users = 0
         self._waiters: list[asyncio.Future[None]] = []
         self.task: asyncio.Task[None] | None = None
@@ -80,6 +87,11 @@ class Fill:
         self._users -= 1
         self._maybe_close_reader()
         return self._users
+
+    def note_unverified_reader(self, client: str) -> None:
+        self.unverified_count += 1
+        if len(self.unverified_readers) < UNVERIFIED_NAMED:
+            self.unverified_readers.append(client)
 
     def readable(self) -> int:
         """How far a reader may send: all of it once verified, else all but the final byte."""
@@ -190,10 +202,13 @@ class Fills:
 
     def leave(self, fill: Fill) -> None:
         remaining = fill.release()
+        # A verified fill has only its commit left (fsync, rename, index): cancelling it then
+        # would throw away a good download, or leave a renamed file the index never heard of.
         if (
             remaining == 0
             and self.cancel_abandoned
             and fill.state in (State.STARTING, State.RUNNING)
+            and not fill.verified
             and fill.task is not None
         ):
             log.info("fill_abandoned", digest=str(fill.digest), written=fill.written)
@@ -214,7 +229,6 @@ class Fills:
 
     async def _run(self, fill: Fill) -> None:
         write_fd = -1
-        committed = False
         try:
             write_fd, fill.read_fd = await asyncio.to_thread(_open_pair, fill.temp)
             hasher = hashlib.new(fill.digest.algorithm)
@@ -233,9 +247,14 @@ class Fills:
             fill.size = fill.written
             fill.verified = True
             fill._announce()
-            await asyncio.to_thread(_sync_and_commit, write_fd, self.storage, fill.temp, fill.digest)
-            committed = True
-            self.cache.add(fill.digest, fill.written)
+            # From here on the download is good: the commit runs to its end even if this task is
+            # cancelled (a shutdown), so that no renamed file is left out of the index.
+            commit = asyncio.ensure_future(self._commit(fill, write_fd))
+            try:
+                await asyncio.shield(commit)
+            except asyncio.CancelledError:
+                await asyncio.wait([commit])
+                raise
             if self.on_commit is not None:
                 await self.on_commit(fill)
             fill.state = State.DONE
@@ -260,16 +279,29 @@ class Fills:
                 fill.state = State.FAILED
                 if fill.error is None:
                     fill.error = OciError(Code.UNAVAILABLE, "download failed")
+                if fill.unverified_count:
+                    log.warning(
+                        "unverified_ranges_of_failed_fill",
+                        digest=str(fill.digest),
+                        clients=fill.unverified_readers,
+                        count=fill.unverified_count,
+                        reason=fill.error.message,
+                    )
             del self._fills[fill.digest]
             if write_fd >= 0:
                 os.close(write_fd)
-            if not committed:
+            if not fill.committed:
                 # Readers hold the read fd, not the path: unlinking now loses nothing of theirs.
                 fill.temp.unlink(missing_ok=True)
             fill._maybe_close_reader()
             fill._announce()
             if self.on_finish is not None:
                 self.on_finish(fill)
+
+    async def _commit(self, fill: Fill, write_fd: int) -> None:
+        await asyncio.to_thread(_sync_and_commit, write_fd, self.storage, fill.temp, fill.digest)
+        fill.committed = True
+        self.cache.add(fill.digest, fill.written)
 
     async def _download(self, fill: Fill, write_fd: int, hasher: hashlib._Hash) -> None:
         failures = 0

@@ -16,14 +16,15 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.core.config import Settings
-from proxy.core.errors import Code, OciError, error_response
+from proxy.core.digits import parse_count
+from proxy.core.errors import Code, OciError, code_for_status, error_response
 from proxy.flows.access import Access
 from proxy.flows.fills import Fill, Fills, State
 from proxy.flows.manifests import ManifestStore
 from proxy.store.cache import BlobCache
 from proxy.store.storage import Storage
 from proxy.upstream import credentials
-from proxy.upstream.client import UpstreamClient
+from proxy.upstream.client import Sessions, UpstreamClient
 from proxy.upstream.resolver import GuardedResolver
 from proxy.web import handlers, keys, setup
 from proxy.web.metrics import CONTENT_TYPE, Metrics
@@ -38,12 +39,6 @@ READ_BUFSIZE: Final = 2 * 1024 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _status_code(status: int) -> Code:
-    return {404: Code.NAME_UNKNOWN, 405: Code.UNSUPPORTED, 429: Code.TOOMANYREQUESTS}.get(
-        status, Code.UNKNOWN
-    )
-
-
 @web.middleware
 async def errors_and_access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error becomes the OCI envelope; every request becomes one log line."""
@@ -55,7 +50,7 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        resp = error_response(OciError(_status_code(exc.status), exc.reason))
+        resp = error_response(OciError(code_for_status(exc.status), exc.reason))
     except Exception:
         log.exception("handler_crashed", method=request.method, path=request.path)
         resp = error_response(OciError(Code.UNKNOWN, "internal error"))
@@ -88,9 +83,9 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     m.fills_active.set(len(request.app[keys.FILLS]))
     for up in request.app[keys.UPSTREAMS].values():
         if up.ratelimit_remaining is not None:
-            value = up.ratelimit_remaining.split(";")[0]
-            if value.isdigit():
-                m.ratelimit_remaining.labels(up.name).set(int(value))
+            value = parse_count(up.ratelimit_remaining.split(";")[0].strip())
+            if value is not None:
+                m.ratelimit_remaining.labels(up.name).set(value)
     return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -133,14 +128,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         on_finish=on_finish,
     )
     auths = await asyncio.to_thread(_read_docker_config, settings.docker_config)
-    session = aiohttp.ClientSession(
-        auto_decompress=False,  # the bytes we hash must be the bytes upstream stored
-        read_bufsize=READ_BUFSIZE,
-        headers={"User-Agent": USER_AGENT},
-        connector=aiohttp.TCPConnector(
-            limit=256, limit_per_host=64, ttl_dns_cache=60, resolver=GuardedResolver(_trusted_hosts(settings))
-        ),
-        trust_env=False,
+    resolver = GuardedResolver(_trusted_hosts(settings))
+    sessions = Sessions(
+        api=_session(aiohttp.TCPConnector(limit=256, limit_per_host=32, ttl_dns_cache=60, resolver=resolver)),
+        # No pool limit: each upstream's blob_slots queue downloads, outside any timeout.
+        blobs=_session(aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=60, resolver=resolver)),
     )
     app[keys.STORAGE] = storage
     app[keys.CACHE] = cache
@@ -148,7 +140,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[keys.FILLS] = fills
     app[keys.MANIFESTS] = ManifestStore(storage, cache, access, settings.tag_ttl)
     app[keys.UPSTREAMS] = {
-        u.name: UpstreamClient(u, session, settings, credentials.lookup(auths, u.name, u.url))
+        u.name: UpstreamClient(u, sessions, settings, credentials.lookup(auths, u.name, u.url))
         for u in settings.upstreams
     }
     try:
@@ -156,7 +148,18 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     finally:
         await fills.close()
         await cache.close()
-        await session.close()
+        await sessions.api.close()
+        await sessions.blobs.close()
+
+
+def _session(connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        auto_decompress=False,  # the bytes we hash must be the bytes upstream stored
+        read_bufsize=READ_BUFSIZE,
+        headers={"User-Agent": USER_AGENT},
+        connector=connector,
+        trust_env=False,
+    )
 
 
 def _read_docker_config(path: Path | None) -> dict[str, credentials.Credentials]:

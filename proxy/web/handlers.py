@@ -13,7 +13,9 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError
+from proxy.core.links import next_link
 from proxy.core.reference import Digest, Kind, parse_path, parse_range
 from proxy.core.routing import route
 from proxy.flows.fills import Fill, FillFailed
@@ -72,57 +74,66 @@ async def manifest(
 async def tags(request: web.Request, client: UpstreamClient, repository: str) -> web.Response:
     settings = request.app[keys.SETTINGS]
     query: dict[str, str] = {}
-    n = request.query.get("n")
-    if n is not None:
-        if not n.isdigit():
-            raise OciError(Code.PAGINATION_INVALID, "n must be a number")
-        query["n"] = str(min(int(n), settings.tags_page_max))
-    else:
-        query["n"] = str(settings.tags_page_max)
+    n = parse_count(request.query.get("n", str(settings.tags_page_max)))
+    if n is None:
+        raise OciError(Code.PAGINATION_INVALID, "n must be a number")
+    query["n"] = str(min(n, settings.tags_page_max))
     if "last" in request.query:
         query["last"] = request.query["last"]
     body, link = await client.tags(repository, query)
     headers = {**API_VERSION, "Content-Type": "application/json"}
-    if link is not None:
-        headers["Link"] = _rewrite_link(link, request.rel_url.path)
+    ours = None if link is None else next_link(link, request.rel_url.path, _routing(request))
+    if ours is not None:
+        headers["Link"] = ours
     request[keys.CACHE_RESULT] = "pass"
     return web.Response(body=body, headers=headers)
 
 
-def _rewrite_link(link: str, our_path: str) -> str:
-    """Point upstream's next-page link at our own path (which may carry a registry prefix)."""
-    target = link.strip().split(";")[0].strip().lstrip("<").rstrip(">")
-    _, _, query = target.partition("?")
-    return f'<{our_path}?{query}>; rel="next"'
+def _routing(request: web.Request) -> dict[str, str]:
+    """The query parameters that chose the upstream, for links back to us."""
+    ns = request.query.get("ns")
+    return {} if ns is None else {"ns": ns}
 
 
 # --- blobs -----------------------------------------------------------------------------------
 
 
-def _blob_headers(digest: Digest) -> CIMultiDict[str]:
-    return CIMultiDict(
+def _blob_headers(digest: Digest, *, verified: bool) -> CIMultiDict[str]:
+    headers = CIMultiDict(
         {
             **API_VERSION,
             "Content-Type": BLOB_TYPE,
             "Docker-Content-Digest": str(digest),
             "Accept-Ranges": "bytes",
-            # Content-addressed: the digest is the strongest validator there is.
-            "ETag": f'"{digest}"',
-            "Cache-Control": "max-age=31536000, immutable",
         }
     )
+    if verified:
+        # Content-addressed: the digest is the strongest validator there is.
+        headers["ETag"] = f'"{digest}"'
+        headers["Cache-Control"] = "max-age=31536000, immutable"
+    else:
+        # Bytes of a download whose digest is not checked yet: promise nothing, keep nothing.
+        headers["Cache-Control"] = "no-store"
+    return headers
 
 
-def _start(request: web.Request, digest: Digest, size: int) -> tuple[web.StreamResponse, int, int]:
-    """The response head for a blob of ``size``, and the byte span [first, end) to send."""
+def _start(
+    request: web.Request, digest: Digest, size: int, *, verified: bool = True
+) -> tuple[web.StreamResponse, int, int]:
+    """The response head for a blob of ``size``, and the byte span [first, end) to send.
+    ``verified`` False: a range of a download still under way (see :func:`_serve_fill`)."""
     rng = parse_range(request.headers.get("Range"), size)
-    resp = web.StreamResponse(status=206 if rng else 200, headers=_blob_headers(digest))
+    resp = web.StreamResponse(status=206 if rng else 200, headers=_blob_headers(digest, verified=verified))
     if rng is None:
         resp.content_length = size
         return resp, 0, size
     resp.headers["Content-Range"] = rng.content_range(size)
     resp.content_length = rng.length
     return resp, rng.first, rng.last + 1
+
+
+def _ranged(request: web.Request) -> bool:
+    return request.headers.get("Range") is not None
 
 
 async def blob(
@@ -170,14 +181,34 @@ async def _serve_cached(request: web.Request, digest: Digest, fd: int, size: int
 
 
 async def _serve_fill(request: web.Request, fill: Fill) -> web.StreamResponse:
+    """Stream a blob while it downloads.
+
+    A whole body is safe to stream before verification: its final byte is held back until the
+    digest matches, so a bad download ends in an aborted connection. A range that stops short
+    of the final byte has no such guard, yet lazy pullers (stargz, SOCI) and containerd's
+    chunked pulls need ranges of blobs still filling. So a range is served as its bytes arrive,
+    but without the headers that promise verified content (no ETag, no ``immutable``), and the
+    fill names the clients it served that way if it later fails. ``verified_ranges_only``
+    makes ranges wait for the verified whole instead.
+    """
     size = await fill.started()
     if size is None:
         # Upstream sent no length. Streaming now would need chunked framing, which zero-copy
         # sending bypasses; wait for the verified whole instead (registries rarely do this).
         size = await fill.finished()
-    resp, first, end = _start(request, fill.digest, size)
+    if _ranged(request) and request.app[keys.SETTINGS].verified_ranges_only:
+        await fill.finished()
+    unverified = _ranged(request) and not fill.verified
+    resp, first, end = _start(request, fill.digest, size, verified=not unverified)
+    if unverified and request.method != "HEAD" and resp.status == 206:
+        fill.note_unverified_reader(_client_of(request))
     with request.app[keys.CACHE].pinned(fill.digest):
         return await _send_body(request, resp, fill.read_fd, first, end, fill.wait_beyond)
+
+
+def _client_of(request: web.Request) -> str:
+    agent = request.headers.get("User-Agent", "-")[:80]
+    return f"{request.remote} ({agent})"
 
 
 async def _send_body(

@@ -24,8 +24,8 @@ MANIFESTS: Final = web.AppKey("manifests", ManifestStore)
 ACCESS: Final = web.AppKey("access", Access)
 UPSTREAMS: Final = web.AppKey("upstreams", dict[str, UpstreamClient])
 
-# Per-request notes for the access log line (request-scoped dict keys).
-KIND: Final = "ocicache.kind"
-CACHE_RESULT: Final = "ocicache.cache"
-SENT: Final = "ocicache.sent"
-ABORTED: Final = "ocicache.aborted"
+# Per-request notes for the access log line.
+KIND: Final = web.RequestKey("kind", str)
+CACHE_RESULT: Final = web.RequestKey("cache", str)
+SENT: Final = web.RequestKey("sent", int)
+ABORTED: Final = web.RequestKey("aborted", bool)
