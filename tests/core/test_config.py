@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from proxy.cli.main import parser
-from proxy.core.config import DEFAULT_UPSTREAMS, ConfigError, Settings, load
+from proxy.core.config import DEFAULT_UPSTREAMS, PARSERS, ConfigError, Settings, load
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "ocicache.example.yaml"
 
@@ -28,6 +29,12 @@ def test_example_config_parses_to_the_defaults_it_documents() -> None:
     assert (s.listen_port, s.tag_ttl, s.max_cache_bytes) == (d.listen_port, d.tag_ttl, d.max_cache_bytes)
     assert [u.name for u in s.upstreams] == [u.name for u in DEFAULT_UPSTREAMS]
     assert s.cache_dir == Path("/var/cache/ocicache")
+
+
+def test_the_example_config_documents_every_key() -> None:
+    text = EXAMPLE.read_text()
+    for key in PARSERS:
+        assert re.search(rf"^#? ?{key}:", text, re.M), key
 
 
 def test_precedence_file_env_flags(tmp_path: Path) -> None:
