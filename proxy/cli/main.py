@@ -16,6 +16,7 @@ from aiohttp import web
 from proxy import __version__
 from proxy.cli.logs import configure
 from proxy.core.config import ConfigError, Settings, load
+from proxy.store.lock import CacheBusy, CacheLock
 from proxy.store.storage import Storage
 from proxy.store.verify import verify
 from proxy.web.app import create_app
@@ -90,7 +91,10 @@ def run_verify(settings: Settings, *, keep: bool) -> int:
     if not storage.blobs.is_dir():
         print(f"ocicache: no cache at {settings.cache_dir}", file=sys.stderr)
         return 2
-    report = verify(storage, remove=not keep)
+    # It removes files: nobody else may be writing. The catalogue drops their rows at the
+    # next start (a row without a file).
+    with CacheLock(settings.cache_dir):
+        report = verify(storage, remove=not keep)
     for digest in report.bad:
         print(f"bad: {digest}" + ("" if keep else " (removed)"))
     print(f"checked {report.checked} blobs, {report.bytes} bytes; {len(report.bad)} bad")
@@ -131,15 +135,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ocicache: config error: {exc}", file=sys.stderr)
         return 2
     configure(settings.log_level, settings.log_format)
-    if ns.command == "verify":
-        return run_verify(settings, keep=ns.keep)
     try:
+        if ns.command == "verify":
+            return run_verify(settings, keep=ns.keep)
         if ns.event_loop == "uvloop":
             import uvloop
 
             uvloop.run(serve(settings))
         else:
             asyncio.run(serve(settings))
+    except CacheBusy as exc:
+        print(f"ocicache: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"ocicache: cannot serve: {exc}", file=sys.stderr)
         return 1

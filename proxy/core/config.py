@@ -18,6 +18,8 @@ from typing import Any, Final
 import yaml
 from yarl import URL
 
+from proxy.core.imageref import BadReference, parse_image_reference
+
 
 class ConfigError(ValueError):
     def __init__(self, key: str, message: str) -> None:
@@ -38,6 +40,19 @@ class UpstreamConfig:
     credential_ttl: float = 600.0
     # Token realms on hosts other than the upstream's own domain that we agree to send credentials to.
     realm_hosts: tuple[str, ...] = ()
+    # This upstream's tag TTL, instead of the global one (None: the global; see Settings.ttl_for).
+    tag_ttl: float | None = None
+    tag_ttl_forever: bool = False
+    # When upstream answers 404 for a tag we hold, keep serving ours (with a warning).
+    keep_deleted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TagRule:
+    """Tags whose name matches ``pattern`` (whole) are trusted for ``ttl`` seconds, or forever."""
+
+    pattern: re.Pattern[str]
+    ttl: float | None
 
 
 # The registries people pull from most, at their real API endpoints. The first is the default
@@ -64,10 +79,21 @@ class Settings:
     listen_port: int = 5000
     cache_dir: Path = field(default_factory=default_cache_dir)
     upstreams: tuple[UpstreamConfig, ...] = DEFAULT_UPSTREAMS
-    # How long a tag -> digest answer is trusted before upstream is asked again.
-    tag_ttl: float = 60.0
-    # Disk budget for cached blobs; eviction (least recently used first) keeps below it.
+    # How long a tag -> digest answer is trusted before upstream is asked again (None: forever).
+    tag_ttl: float | None = 60.0
+    # First match wins; then the upstream's tag_ttl; then tag_ttl.
+    tag_rules: tuple[TagRule, ...] = ()
+    # Never open a connection to any upstream; serve what the cache holds, whatever its age.
+    offline: bool = False
+    # Image references whose index, manifests, configs and layers are never evicted.
+    pins: tuple[str, ...] = ()
+    # Disk budget for cached blobs; eviction (least recently used first) keeps below it:
+    # it starts above high_watermark of the budget and stops below low_watermark.
     max_cache_bytes: int = 20 * 1024**3
+    high_watermark: float = 1.0
+    low_watermark: float = 0.9
+    # Files nobody asked for in this long are removed (None: never).
+    max_unused: float | None = None
     manifest_timeout: float = 30.0
     blob_connect_timeout: float = 15.0
     # A blob download that receives nothing for this long is broken and resumed.
@@ -96,6 +122,15 @@ class Settings:
             if up.name == name:
                 return up
         return None
+
+    def ttl_for(self, upstream: UpstreamConfig, tag: str) -> float | None:
+        """Seconds a tag's answer is trusted; None for forever."""
+        for rule in self.tag_rules:
+            if rule.pattern.fullmatch(tag):
+                return rule.ttl
+        if upstream.tag_ttl_forever:
+            return None
+        return upstream.tag_ttl if upstream.tag_ttl is not None else self.tag_ttl
 
 
 # --- parsing of single values; each raises ConfigError naming the key -------------------------
@@ -149,6 +184,14 @@ def parse_size(key: str, value: Any) -> int:
     return int(size)
 
 
+def parse_budget(key: str, value: Any) -> int:
+    size = parse_size(key, value)
+    if size == 0:
+        # People read 0 as "unlimited"; it would mean caching nothing at all.
+        raise ConfigError(key, "0 would cache nothing; for no limit of its own, give the disk's size")
+    return size
+
+
 def parse_seconds(key: str, value: Any) -> float:
     if _number(value):
         result = float(value)
@@ -168,6 +211,61 @@ def parse_seconds(key: str, value: Any) -> float:
     if result > _SECONDS_MAX:
         raise ConfigError(key, f"too long: {value!r} (at most 10 years)")
     return result
+
+
+def parse_ttl(key: str, value: Any) -> float | None:
+    """A duration, or ``forever`` (None)."""
+    if isinstance(value, str) and value.strip().lower() in ("forever", "never expires"):
+        return None
+    return parse_seconds(key, value)
+
+
+def parse_optional_seconds(key: str, value: Any) -> float | None:
+    """A duration, or ``never`` / ``off`` (None)."""
+    if isinstance(value, str) and value.strip().lower() in ("never", "off", "none"):
+        return None
+    return parse_seconds(key, value)
+
+
+def parse_fraction(key: str, value: Any) -> float:
+    """``0.9`` or ``90%``: more than 0, at most 1."""
+    text = value.strip() if isinstance(value, str) else value
+    percent = isinstance(text, str) and text.endswith("%")
+    if percent:
+        text = text[:-1].strip()
+    try:
+        result = float(text) if _number(text) or isinstance(text, str) else math.nan
+    except ValueError:
+        result = math.nan
+    if percent:
+        result /= 100
+    if not 0 < result <= 1:
+        raise ConfigError(key, f"expected a fraction of the budget, like 0.9 or 90%, got {value!r}")
+    return result
+
+
+def parse_tag_rules(key: str, value: Any) -> tuple[TagRule, ...]:
+    if not isinstance(value, list | tuple):
+        raise ConfigError(key, "expected a list of {pattern: REGEX, ttl: DURATION|forever}")
+    rules = []
+    for i, item in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(item, Mapping) or set(item) != {"pattern", "ttl"}:
+            raise ConfigError(where, "expected {pattern: REGEX, ttl: DURATION|forever}")
+        try:
+            pattern = re.compile(parse_text(f"{where}.pattern", item["pattern"]))
+        except re.error as exc:
+            raise ConfigError(f"{where}.pattern", f"not a regular expression: {exc}") from None
+        rules.append(TagRule(pattern, parse_ttl(f"{where}.ttl", item["ttl"])))
+    return tuple(rules)
+
+
+def parse_pins(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]  # the environment: a,b,c
+    if not isinstance(value, list | tuple):
+        raise ConfigError(key, "expected a list of image references")
+    return tuple(parse_text(f"{key}[{i}]", v).strip() for i, v in enumerate(value))
 
 
 def parse_bool(key: str, value: Any) -> bool:
@@ -222,7 +320,7 @@ def parse_upstream(key: str, name: str, spec: Any) -> UpstreamConfig:
         spec = {"url": spec}
     if not isinstance(spec, Mapping):
         raise ConfigError(where, "expected a URL or a mapping with url:")
-    known = {f.name for f in fields(UpstreamConfig)} - {"name"}
+    known = {f.name for f in fields(UpstreamConfig)} - {"name", "tag_ttl_forever"}
     unknown = set(spec) - known - {"password_env"}
     if unknown:
         raise ConfigError(where, f"unknown keys: {', '.join(sorted(map(str, unknown)))}")
@@ -245,6 +343,9 @@ def parse_upstream(key: str, name: str, spec: Any) -> UpstreamConfig:
     password = text("password")
     if "password_env" in spec:
         password = os.environ.get(parse_text(f"{where}.password_env", spec["password_env"]))
+    ttl = parse_ttl(f"{where}.tag_ttl", spec["tag_ttl"]) if spec.get("tag_ttl") is not None else None
+    forever = spec.get("tag_ttl") is not None and ttl is None
+    keep_deleted = parse_bool(f"{where}.keep_deleted", spec.get("keep_deleted", False))
     hosts = spec.get("realm_hosts", ())
     if isinstance(hosts, str):
         hosts = [hosts]
@@ -258,6 +359,9 @@ def parse_upstream(key: str, name: str, spec: Any) -> UpstreamConfig:
         credential_command=text("credential_command"),
         credential_ttl=parse_seconds(f"{where}.credential_ttl", spec.get("credential_ttl", 600)),
         realm_hosts=tuple(parse_text(f"{where}.realm_hosts", h) for h in hosts),
+        tag_ttl=ttl,
+        tag_ttl_forever=forever,
+        keep_deleted=keep_deleted,
     )
 
 
@@ -290,8 +394,14 @@ PARSERS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "listen": parse_listen,
     "cache_dir": parse_path,
     "upstreams": parse_upstreams,
-    "tag_ttl": parse_seconds,
-    "max_cache_size": parse_size,
+    "tag_ttl": parse_ttl,
+    "tag_rules": parse_tag_rules,
+    "offline": parse_bool,
+    "pins": parse_pins,
+    "max_cache_size": parse_budget,
+    "high_watermark": parse_fraction,
+    "low_watermark": parse_fraction,
+    "max_unused": parse_optional_seconds,
     "manifest_timeout": parse_seconds,
     "blob_connect_timeout": parse_seconds,
     "blob_read_timeout": parse_seconds,
@@ -343,7 +453,16 @@ def build(*layers: Mapping[str, Any]) -> Settings:
             values["listen_host"], values["listen_port"] = parsed
         else:
             values[_FIELD_OF.get(key, key)] = parsed
-    return Settings(**values)
+    settings = Settings(**values)
+    if settings.low_watermark >= settings.high_watermark:
+        raise ConfigError("low_watermark", "must be below high_watermark")
+    names = [u.name for u in settings.upstreams]
+    for i, pin in enumerate(settings.pins):
+        try:
+            parse_image_reference(pin, names, names[0])
+        except BadReference as exc:
+            raise ConfigError(f"pins[{i}]", str(exc)) from None
+    return settings
 
 
 def load(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Final
 
 OCI_INDEX: Final = "application/vnd.oci.image.index.v1+json"
@@ -38,6 +39,9 @@ KNOWN_TYPES: Final = frozenset({*MANIFEST_TYPES, DOCKER_SCHEMA1, DOCKER_SCHEMA1_
 
 # RFC 9110 media-type token syntax, lowercase after folding; anything else in Accept is dropped.
 _TYPE_RE: Final = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+*-]+")
+# The spec lets registries refuse manifests over 4 MiB; we refuse to buffer more than that,
+# and never read a stored object larger than this as a manifest.
+MANIFEST_MAX: Final = 4 * 1024 * 1024
 # A hostile client cannot make a tag keep unboundedly many answers or a huge key.
 MAX_ACCEPTED: Final = 16
 
@@ -134,3 +138,64 @@ def manifest_type(body: bytes) -> str:
     if isinstance(doc.get("config"), dict) and isinstance(doc.get("layers"), list):
         return OCI_MANIFEST
     raise NotAManifest("neither an image manifest nor an index")
+
+
+@dataclass(frozen=True, slots=True)
+class Described:
+    """What a manifest says about others: the digests it needs (an index's manifests; an image
+    manifest's config and layers), the platforms of an index, and its OCI 1.1 subject."""
+
+    children: tuple[str, ...] = ()
+    platforms: tuple[str, ...] = ()
+    subject: str | None = None
+    artifact_type: str | None = None
+
+
+def describe(body: bytes) -> Described:
+    """Read the references out of a manifest already known to be one (see
+    :func:`manifest_type`); malformed entries are skipped, never trusted."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return Described()
+    if not isinstance(doc, dict):
+        return Described()
+    children: list[str] = []
+    platforms: list[str] = []
+    entries = doc.get("manifests")
+    if isinstance(entries, list):
+        for entry in entries:
+            if not isinstance(entry, dict) or not _is_digest_text(entry.get("digest")):
+                continue
+            children.append(entry["digest"])
+            platform = entry.get("platform")
+            if isinstance(platform, dict):
+                parts = [platform.get("os"), platform.get("architecture"), platform.get("variant")]
+                platforms.append("/".join(p for p in parts if isinstance(p, str) and p))
+    config = doc.get("config")
+    if isinstance(config, dict) and _is_digest_text(config.get("digest")):
+        children.append(config["digest"])
+    layers = doc.get("layers")
+    if isinstance(layers, list):
+        children += [x["digest"] for x in layers if isinstance(x, dict) and _is_digest_text(x.get("digest"))]
+    for fs_layer in doc.get("fsLayers", []) if isinstance(doc.get("fsLayers"), list) else []:
+        if isinstance(fs_layer, dict) and _is_digest_text(fs_layer.get("blobSum")):
+            children.append(fs_layer["blobSum"])
+    subject = doc.get("subject")
+    subject_digest = subject.get("digest") if isinstance(subject, dict) else None
+    artifact = doc.get("artifactType")
+    if not isinstance(artifact, str) and isinstance(config, dict):
+        artifact = config.get("mediaType")
+    return Described(
+        children=tuple(dict.fromkeys(children)),
+        platforms=tuple(p for p in platforms if p),
+        subject=subject_digest if _is_digest_text(subject_digest) else None,
+        artifact_type=artifact if isinstance(artifact, str) and len(artifact) <= 255 else None,
+    )
+
+
+_DIGEST_RE: Final = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
+
+
+def _is_digest_text(value: object) -> bool:
+    return isinstance(value, str) and _DIGEST_RE.fullmatch(value) is not None

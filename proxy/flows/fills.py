@@ -301,7 +301,7 @@ class Fills:
     async def _commit(self, fill: Fill, write_fd: int) -> None:
         await asyncio.to_thread(_sync_and_commit, write_fd, self.storage, fill.temp, fill.digest)
         fill.committed = True
-        self.cache.add(fill.digest, fill.written)
+        await self.cache.add(fill.digest, fill.written)
 
     async def _download(self, fill: Fill, write_fd: int, hasher: hashlib._Hash) -> None:
         failures = 0

@@ -1,16 +1,19 @@
-"""Manifests: stored as content-addressed files, with tag records that have an age.
+"""Manifests: stored as content-addressed files, with tag answers that have an age.
 
 A registry negotiates a tag's answer by the client's ``Accept`` (see
-:mod:`proxy.core.mediatypes`), so a tag record keeps one answer per set of accepted types,
-keyed by :func:`accept_key`: a client gets what upstream gave for the set it sent, never what
-a client with a narrower ``Accept`` was given (a Docker v2-only request must not turn a
-multi-platform tag into its amd64 manifest for everyone). An index or list answer also serves
-any other set that accepts its type, since it is the stored manifest itself.
+:mod:`proxy.core.mediatypes`), so a tag keeps one answer per set of accepted types, keyed by
+:func:`accept_key`: a client gets what upstream gave for the set it sent, never what a client
+with a narrower ``Accept`` was given (a Docker v2-only request must not turn a multi-platform
+tag into its amd64 manifest for everyone). An index or list answer also serves any other set
+that accepts its type, since it is the stored manifest itself.
 
-An answer younger than the tag TTL is served without asking upstream; an older one is
-revalidated with a HEAD (which Docker Hub does not count against its pull limit), and served
-stale when upstream is unreachable or rate limited. Digest-addressed manifests never change, so
-they are served from disk whenever we hold them, after the access check.
+An answer younger than its tag's TTL (``tag_rules``, the upstream's ``tag_ttl``, or the global
+one; possibly forever) is served without asking upstream; an older one is revalidated with a
+HEAD (which Docker Hub does not count against its pull limit), and served stale when upstream
+is unreachable or rate limited, or when it says the tag is gone and the upstream is configured
+to ``keep_deleted``. Offline, every answer is served whatever its age, and what is not cached
+is unknown. Digest-addressed manifests never change, so they are served from disk whenever we
+hold them, after the access check.
 
 What upstream sends must be a manifest: its type is read from its own bytes, and a body that
 is not one (a captive portal's HTML page) is a 502, never stored. Storing a verified manifest
@@ -23,18 +26,21 @@ import asyncio
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 import structlog
 from cachetools import LRUCache
 
+from proxy.core.config import Settings
 from proxy.core.errors import Code, OciError
 from proxy.core.mediatypes import (
     DOCKER_SCHEMA1_SIGNED,
+    MANIFEST_MAX,
     NotAManifest,
     accept_key,
     accepted_types,
     accepts,
+    describe,
     is_index,
     manifest_type,
     upstream_accept,
@@ -42,8 +48,9 @@ from proxy.core.mediatypes import (
 from proxy.core.reference import Digest
 from proxy.flows.access import Access
 from proxy.store.cache import BlobCache
+from proxy.store.catalogue import Catalogue, ManifestInfo, TagAnswer, TagKey
 from proxy.store.storage import Storage
-from proxy.upstream.client import MANIFEST_MAX, ManifestReply, UpstreamClient
+from proxy.upstream.client import ManifestReply, UpstreamClient
 
 log = structlog.get_logger("ocicache.manifests")
 
@@ -55,8 +62,7 @@ ANSWERS_PER_TAG: Final = 8
 # What we fall back to when stale content may be served instead of an upstream failure.
 _SERVE_STALE_ON: Final = frozenset({Code.UNAVAILABLE, Code.UPSTREAM_ERROR, Code.TOOMANYREQUESTS})
 
-Source = Literal["hit", "miss", "stale", "revalidated"]
-Answers = dict[str, dict[str, Any]]
+Source = Literal["hit", "miss", "stale", "revalidated", "offline"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,138 +78,91 @@ def verify_body(body: bytes, digest: Digest) -> bool:
     return hashlib.new(digest.algorithm, body).hexdigest() == digest.hex
 
 
-def answers_of(rec: dict[str, Any] | None) -> Answers:
-    """A tag record's answers by accept key, from either record format.
-
-    Records written before answers were keyed by ``Accept`` hold ``types``: one entry per media
-    type served. An index entry is the tag's stored manifest; a single manifest is filed under
-    its own type and, when the record knows no index, under "anything" too (the tag is then most
-    likely single-platform; a HEAD after the TTL corrects it if not).
-    """
-    if rec is None:
-        return {}
-    answers = rec.get("answers")
-    if isinstance(answers, dict):
-        return answers
-    old = rec.get("types")
-    if not isinstance(old, dict):
-        return {}
-    converted: Answers = {}
-    has_index = any(is_index(t) for t in old)
-    for media_type, entry in old.items():
-        if not isinstance(entry, dict) or "digest" not in entry:
-            continue
-        answer = {"digest": entry["digest"], "media_type": media_type, "fetched": entry.get("fetched", 0)}
-        converted[accept_key(frozenset({media_type}))] = answer
-        if is_index(media_type) or not has_index:
-            converted[accept_key(None)] = answer
-    return converted
-
-
-def choose_answer(answers: Answers, accepted: frozenset[str] | None) -> dict[str, Any] | None:
+def choose_answer(answers: dict[str, TagAnswer], accepted: frozenset[str] | None) -> TagAnswer | None:
     """The answer for a client accepting ``accepted``: the one given for that very set, else
     the freshest index answer of a type it accepts. Never a single manifest given to another
     set: that one may be the result of negotiating an index away."""
     exact = answers.get(accept_key(accepted))
     if exact is not None:
         return exact
-    indexes = [
-        a
-        for a in answers.values()
-        if is_index(str(a.get("media_type"))) and accepts(accepted, a["media_type"])
-    ]
-    return max(indexes, key=lambda a: float(a["fetched"]), default=None)
+    indexes = [a for a in answers.values() if is_index(a.media_type) and accepts(accepted, a.media_type)]
+    return max(indexes, key=lambda a: a.fetched, default=None)
 
 
-def _bounded(answers: Answers) -> Answers:
+def _bounded(answers: dict[str, TagAnswer]) -> dict[str, TagAnswer]:
     if len(answers) <= ANSWERS_PER_TAG:
         return answers
-    newest = sorted(answers.items(), key=lambda kv: float(kv[1]["fetched"]), reverse=True)
+    newest = sorted(answers.items(), key=lambda kv: kv[1].fetched, reverse=True)
     return dict(newest[:ANSWERS_PER_TAG])
 
 
 class ManifestStore:
-    def __init__(self, storage: Storage, cache: BlobCache, access: Access, tag_ttl: float) -> None:
+    def __init__(
+        self, storage: Storage, catalogue: Catalogue, cache: BlobCache, access: Access, settings: Settings
+    ) -> None:
         self.storage = storage
+        self.catalogue = catalogue
         self.cache = cache
         self.access = access
-        self.tag_ttl = tag_ttl
-        # Mirrors of the on-disk records and of recently served manifests (with their media
-        # type), so that a warm tag or digest costs no thread hop and no file read.
-        self._records: LRUCache[str, dict[str, Any]] = LRUCache(maxsize=20000)
-        self._bodies: LRUCache[Digest, tuple[bytes, str]] = LRUCache(
-            maxsize=BODIES_MEMORY, getsizeof=lambda entry: len(entry[0])
-        )
+        self.settings = settings
+        # Recently served manifests, so that a warm tag or digest costs no thread hop and no
+        # file read. The catalogue decides what is held: what it drops is dropped here too.
+        self._bodies: LRUCache[str, bytes] = LRUCache(maxsize=BODIES_MEMORY, getsizeof=len)
+        catalogue.drop_observers.append(self._forget_body)
 
-    # --- records -----------------------------------------------------------------------------
-
-    async def _record(self, key: str) -> dict[str, Any] | None:
-        rec = self._records.get(key)
-        if rec is None:
-            rec = await asyncio.to_thread(self.storage.read_record, key)
-            if rec is not None:
-                self._records[key] = rec
-        return rec
-
-    async def _save(self, key: str, rec: dict[str, Any]) -> None:
-        """Keep a record in memory and on disk; a disk failure is logged, not raised: the
-        answer being served is good, and the next request tries again."""
-        self._records[key] = rec
-        try:
-            await asyncio.to_thread(self.storage.write_record, key, rec)
-        except OSError as exc:
-            log.warning("record_not_stored", key=key.split(" ")[0], error=str(exc))
+    def _forget_body(self, digest: str) -> None:
+        self._bodies.pop(digest, None)
 
     # --- stored manifests --------------------------------------------------------------------
 
-    async def _held(self, digest: Digest) -> str | None:
-        """The media type of a manifest we hold as ``digest``, or None. Reads no body: a digest
-        we hold only as a layer, or anything larger than a manifest may be, is not one."""
-        if digest not in self.cache:
+    def held(self, digest: Digest) -> ManifestInfo | None:
+        """A manifest we hold as ``digest``, from memory alone. Reads no body: a digest we hold
+        only as a layer, or anything larger than a manifest may be, is not one."""
+        info = self.catalogue.manifests.get(str(digest))
+        if info is None or info.size > MANIFEST_MAX:
             return None
-        remembered = self._bodies.get(digest)
-        if remembered is not None:
-            return remembered[1]
-        size = self.cache.size_of(digest)
-        if size is None or size > MANIFEST_MAX:
-            return None
-        meta = await self._record(f"manifest {digest}")
-        media_type = meta.get("media_type") if meta else None
-        return media_type if isinstance(media_type, str) else None
+        return info
 
-    async def _load(self, digest: Digest) -> tuple[bytes, str] | None:
+    async def load(self, digest: Digest) -> tuple[bytes, str] | None:
         """The body and media type of a manifest we hold, checked against its digest."""
-        media_type = await self._held(digest)
-        if media_type is None:
+        info = self.held(digest)
+        if info is None:
             return None
-        self.cache.touch(digest)
-        remembered = self._bodies.get(digest)
-        if remembered is not None:
-            return remembered
+        key = str(digest)
+        self.catalogue.touch(key)
+        body = self._bodies.get(key)
+        if body is not None:
+            return body, info.media_type
         body = await asyncio.to_thread(self.storage.read_bytes, digest, MANIFEST_MAX)
         if body is None or not verify_body(body, digest):
             # Gone, or changed on disk behind our back: not ours to serve; fetch it again.
-            log.warning("stored_manifest_unusable", digest=str(digest), missing=body is None)
-            self.cache.forget(digest)
-            await asyncio.to_thread(self.storage.remove, digest)
+            log.warning("stored_manifest_unusable", digest=key, missing=body is None)
+            await self.cache.remove(digest)
             return None
-        stored = (body, media_type)
-        self._bodies[digest] = stored
-        return stored
+        self._bodies[key] = body
+        return body, info.media_type
 
-    async def _keep(
+    async def keep(
         self, upstream: UpstreamClient, repository: str, body: bytes, digest: Digest, media_type: str
     ) -> None:
+        """Store a verified manifest fetched through ``repository``: its rows first, then its
+        file. A failure (a full disk) is logged; the caller serves the body all the same."""
+        key = str(digest)
+        if key not in self.catalogue.manifests:
+            info = ManifestInfo.of(media_type, len(body), describe(body))
+            if not await self.catalogue.persist_manifest(key, info):
+                return
+            try:
+                if key not in self.catalogue.blobs:
+                    await asyncio.to_thread(self.storage.put_bytes, digest, body)
+            except OSError as exc:
+                self.catalogue.forget_manifest_rows(key)
+                log.warning("manifest_not_stored", digest=key, error=str(exc))
+                return
+            self.catalogue.index_manifest(key, info)
+            self.cache.note_added()
+        self._bodies[key] = body
         await self.access.remember(upstream.name, repository, digest)
-        try:
-            if digest not in self.cache:
-                await asyncio.to_thread(self.storage.put_bytes, digest, body)
-                self.cache.add(digest, len(body))
-        except OSError as exc:
-            log.warning("manifest_not_stored", digest=str(digest), error=str(exc))
-            return
-        await self._save(f"manifest {digest}", {"media_type": media_type})
-        self._bodies[digest] = (body, media_type)
 
     # --- lookups -----------------------------------------------------------------------------
 
@@ -225,14 +184,16 @@ class ManifestStore:
         digest: Digest,
         accept_headers: list[str],
     ) -> Served:
-        if await self._held(digest) is not None:
+        if self.held(digest) is not None:
             # Stored through some repository; this one may see it once upstream says it holds
             # it. Checked before a byte is read.
             await self.access.check(upstream, repository, digest, manifest=True)
-            stored = await self._load(digest)
+            stored = await self.load(digest)
             if stored is not None:
                 body, media_type = stored
                 return Served(body, media_type, digest, len(body), "hit")
+        if upstream.offline:
+            raise _offline(Code.MANIFEST_UNKNOWN, {"digest": str(digest)})
         accept = upstream_accept(accepted_types(accept_headers))
         reply = await upstream.manifest("GET", repository, str(digest), accept)
         if not verify_body(reply.body, digest):
@@ -242,7 +203,7 @@ class ManifestStore:
             raise OciError(Code.UPSTREAM_ERROR, "upstream manifest does not match its digest")
         # By digest a registry answers the bytes as they are, whatever the Accept: so do we.
         media_type = _type_of(reply, upstream, repository)
-        await self._keep(upstream, repository, reply.body, digest, media_type)
+        await self.keep(upstream, repository, reply.body, digest, media_type)
         return Served(reply.body, media_type, digest, reply.size, "miss")
 
     async def _by_tag(
@@ -253,28 +214,33 @@ class ManifestStore:
         accept_headers: list[str],
     ) -> Served:
         wanted = accepted_types(accept_headers)
-        key = accept_key(wanted)
-        rec_key = f"tag {upstream.name} {repository} {tag}"
-        answers = answers_of(await self._record(rec_key))
+        key: TagKey = (upstream.name, repository, tag)
+        answers = dict(self.catalogue.answers(key))
         answer = choose_answer(answers, wanted)
-        known = Digest.parse(answer["digest"]) if answer else None
-        stored = await self._load(known) if known else None
+        known = Digest.parse(answer.digest) if answer else None
+        stored = await self.load(known) if known else None
 
         def ours(source: Source) -> Served:
             assert known is not None and stored is not None
             return Served(stored[0], stored[1], known, len(stored[0]), source)
 
-        if answer and stored and time.time() - float(answer["fetched"]) < self.tag_ttl:
-            return ours("hit")
+        if answer and stored:
+            ttl = self.settings.ttl_for(upstream.cfg, tag)
+            if ttl is None or time.time() - answer.fetched < ttl:
+                return ours("hit")
+            if upstream.offline:
+                return ours("offline")
+        if upstream.offline:
+            raise _offline(Code.MANIFEST_UNKNOWN, {"tag": tag})
 
         accept = upstream_accept(wanted)
         try:
             if answer and stored:
                 # Revalidate what we have with a HEAD before paying for a GET.
                 probe = await upstream.manifest("HEAD", repository, tag, accept)
-                if probe.digest is not None and probe.digest == answer["digest"]:
-                    answers[key] = {**answer, "fetched": time.time()}
-                    await self._save(rec_key, {"answers": _bounded(answers)})
+                if probe.digest is not None and probe.digest == answer.digest:
+                    answers[accept_key(wanted)] = TagAnswer(answer.digest, answer.media_type, time.time())
+                    await self.catalogue.put_answers(key, _bounded(answers))
                     return ours("revalidated")
             reply = await upstream.manifest("GET", repository, tag, accept)
         except OciError as err:
@@ -285,6 +251,11 @@ class ManifestStore:
                     repository=repository,
                     tag=tag,
                     reason=err.code.value,
+                )
+                return ours("stale")
+            if answer and stored and err.code is Code.MANIFEST_UNKNOWN and upstream.cfg.keep_deleted:
+                log.warning(
+                    "tag_deleted_upstream_kept", upstream=upstream.name, repository=repository, tag=tag
                 )
                 return ours("stale")
             raise
@@ -298,10 +269,16 @@ class ManifestStore:
                 {"tag": tag, "media_type": media_type},
             )
         digest = _digest_of(reply, media_type)
-        await self._keep(upstream, repository, reply.body, digest, media_type)
-        answers[key] = {"digest": str(digest), "media_type": media_type, "fetched": time.time()}
-        await self._save(rec_key, {"answers": _bounded(answers)})
+        await self.keep(upstream, repository, reply.body, digest, media_type)
+        if self.held(digest) is not None:
+            # Only an answer we can serve again is kept (a manifest we could not store is not).
+            answers[accept_key(wanted)] = TagAnswer(str(digest), media_type, time.time())
+            await self.catalogue.put_answers(key, _bounded(answers))
         return Served(reply.body, media_type, digest, reply.size, "miss")
+
+
+def _offline(code: Code, detail: dict[str, object]) -> OciError:
+    return OciError(code, "not cached, and the proxy is offline", {**detail, "offline": True})
 
 
 def _type_of(reply: ManifestReply, upstream: UpstreamClient, repository: str) -> str:

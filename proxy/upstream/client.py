@@ -28,7 +28,7 @@ from yarl import URL
 from proxy.core.config import Settings, UpstreamConfig
 from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError
-from proxy.core.mediatypes import MANIFEST_TYPES
+from proxy.core.mediatypes import MANIFEST_MAX, MANIFEST_TYPES
 from proxy.core.reference import Digest
 from proxy.core.upstreamauth import (
     Challenge,
@@ -47,8 +47,6 @@ from proxy.upstream.slots import Slots
 
 log = structlog.get_logger("ocicache.upstream")
 
-# The spec lets registries refuse manifests over 4 MiB; we refuse to buffer more than that.
-MANIFEST_MAX: Final = 4 * 1024 * 1024
 # A tags page is at most tags_page_max names of up to 128 characters: far below this.
 TAGS_MAX: Final = 4 * 1024 * 1024
 # Token answers are small JSON documents (a JWT or two); anything larger is not one.
@@ -125,6 +123,8 @@ class UpstreamClient:
         self._session = sessions.api
         self._blob_session = sessions.blobs
         self.blob_slots = Slots(settings.upstream_blob_connections)
+        # Offline: no connection is ever opened; every request fails here, before the network.
+        self.offline = settings.offline
         self._manifest_timeout = aiohttp.ClientTimeout(total=settings.manifest_timeout)
         # The blob pool has no limit of its own (``blob_slots`` queues downloads), so connect
         # covers resolving and connecting only, never a wait for a pool slot.
@@ -178,6 +178,8 @@ class UpstreamClient:
                 "upstream named a token service this proxy does not trust",
                 {"upstream": self.name},
             )
+        if self.offline:
+            raise OciError(Code.UNAVAILABLE, "the proxy is offline", {"upstream": self.name, "offline": True})
         async with self._token_lock:
             token = self._tokens.get(scope)
             if token is not None and token.fresh():
@@ -214,6 +216,8 @@ class UpstreamClient:
     ) -> aiohttp.ClientResponse:
         """Send, following redirects ourselves: credentials stay on the upstream's origin, and
         no redirect leads to an address we refuse."""
+        if self.offline:
+            raise OciError(Code.UNAVAILABLE, "the proxy is offline", {"upstream": self.name, "offline": True})
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 resp = await session.request(

@@ -21,7 +21,10 @@ from proxy.core.errors import Code, OciError, code_for_status, error_response
 from proxy.flows.access import Access
 from proxy.flows.fills import Fill, Fills, State
 from proxy.flows.manifests import ManifestStore
-from proxy.store.cache import BlobCache
+from proxy.store.cache import BlobCache, Budget
+from proxy.store.catalogue import Catalogue
+from proxy.store.lock import CacheLock
+from proxy.store.pins import pinned_digests
 from proxy.store.storage import Storage
 from proxy.upstream import credentials
 from proxy.upstream.client import Sessions, UpstreamClient
@@ -102,11 +105,25 @@ async def _stop_fills(app: web.Application) -> None:
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     metrics = app[keys.METRICS]
+    lock = CacheLock(settings.cache_dir)
+    await asyncio.to_thread(lock.acquire)
     storage = Storage(settings.cache_dir)
     await asyncio.to_thread(storage.prepare)
-    cache = BlobCache(storage, settings.max_cache_bytes)
-    await cache.load()
-    access = Access(storage)
+    catalogue = Catalogue(storage)
+    await catalogue.open()
+    await catalogue.set_pins(settings.pins, "config")
+    names = [u.name for u in settings.upstreams]
+    budget = Budget(
+        settings.max_cache_bytes, settings.high_watermark, settings.low_watermark, settings.max_unused
+    )
+    cache = BlobCache(
+        storage,
+        catalogue,
+        budget,
+        lambda: pinned_digests(catalogue.pins, catalogue.tags, catalogue.manifests, names),
+    )
+    await cache.start()
+    access = Access(catalogue)
 
     async def on_commit(fill: Fill) -> None:
         await access.remember(fill.upstream.name, fill.repository, fill.digest)
@@ -138,7 +155,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[keys.CACHE] = cache
     app[keys.ACCESS] = access
     app[keys.FILLS] = fills
-    app[keys.MANIFESTS] = ManifestStore(storage, cache, access, settings.tag_ttl)
+    app[keys.CATALOGUE] = catalogue
+    app[keys.MANIFESTS] = ManifestStore(storage, catalogue, cache, access, settings)
     app[keys.UPSTREAMS] = {
         u.name: UpstreamClient(u, sessions, settings, credentials.lookup(auths, u.name, u.url))
         for u in settings.upstreams
@@ -146,10 +164,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await fills.close()
-        await cache.close()
-        await sessions.api.close()
-        await sessions.blobs.close()
+        try:
+            await fills.close()
+            await cache.close()
+            await catalogue.close()
+            await sessions.api.close()
+            await sessions.blobs.close()
+        finally:
+            lock.release()
 
 
 def _session(connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:

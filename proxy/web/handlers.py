@@ -21,7 +21,7 @@ from proxy.core.routing import route
 from proxy.flows.fills import Fill, FillFailed
 from proxy.upstream.client import UpstreamClient
 from proxy.web import keys
-from proxy.web.zerocopy import send_file
+from proxy.web.zerocopy import FileShrunk, send_file
 
 log = structlog.get_logger("ocicache.handlers")
 
@@ -176,8 +176,16 @@ async def blob(
 async def _serve_cached(request: web.Request, digest: Digest, fd: int, size: int) -> web.StreamResponse:
     resp, first, end = _start(request, digest, size)
     request[keys.CACHE_RESULT] = "hit"
-    with request.app[keys.CACHE].pinned(digest):
-        return await _send_body(request, resp, fd, first, end, None)
+    cache = request.app[keys.CACHE]
+    with cache.pinned(digest):
+        try:
+            return await _send_body(request, resp, fd, first, end, None)
+        except FileShrunk:
+            # Truncated behind our back while we served it: this client is cut off, and the
+            # next one gets it fetched again instead of the same short file.
+            log.warning("cached_blob_shrank", digest=str(digest), size=size)
+            await cache.remove(digest)
+            return _abort(request, resp)
 
 
 async def _serve_fill(request: web.Request, fill: Fill) -> web.StreamResponse:
@@ -232,6 +240,10 @@ async def _send_body(
             await send_file(request, writer, fd, pos, limit - pos)
             request[keys.SENT] = request.get(keys.SENT, 0) + (limit - pos)
             pos = limit
+    except FileShrunk:
+        if available is None:
+            raise  # a cached file: the caller drops it, then aborts
+        return _abort(request, resp)
     except (FillFailed, ConnectionResetError):
         return _abort(request, resp)
     except Exception:

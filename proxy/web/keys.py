@@ -11,6 +11,7 @@ from proxy.flows.access import Access
 from proxy.flows.fills import Fills
 from proxy.flows.manifests import ManifestStore
 from proxy.store.cache import BlobCache
+from proxy.store.catalogue import Catalogue
 from proxy.store.storage import Storage
 from proxy.upstream.client import UpstreamClient
 from proxy.web.metrics import Metrics
@@ -19,6 +20,7 @@ SETTINGS: Final = web.AppKey("settings", Settings)
 METRICS: Final = web.AppKey("metrics", Metrics)
 STORAGE: Final = web.AppKey("storage", Storage)
 CACHE: Final = web.AppKey("cache", BlobCache)
+CATALOGUE: Final = web.AppKey("catalogue", Catalogue)
 FILLS: Final = web.AppKey("fills", Fills)
 MANIFESTS: Final = web.AppKey("manifests", ManifestStore)
 ACCESS: Final = web.AppKey("access", Access)

@@ -21,7 +21,6 @@ from proxy.core.mediatypes import (
     manifest_type,
     upstream_accept,
 )
-from proxy.flows.manifests import answers_of, choose_answer
 
 
 @pytest.mark.parametrize(
@@ -93,41 +92,3 @@ def test_manifest_type_from_the_body(body: bytes, expected: str) -> None:
 def test_what_is_not_a_manifest(body: bytes) -> None:
     with pytest.raises(NotAManifest):
         manifest_type(body)
-
-
-def _answer(digest: str, media_type: str, fetched: float = 1.0) -> dict[str, object]:
-    return {"digest": digest, "media_type": media_type, "fetched": fetched}
-
-
-def test_a_single_manifest_answer_serves_only_its_own_accept_set() -> None:
-    amd = _answer("sha256:amd", DOCKER_MANIFEST)
-    answers = {accept_key(frozenset({DOCKER_MANIFEST})): amd}
-    assert choose_answer(answers, frozenset({DOCKER_MANIFEST})) == amd
-    assert choose_answer(answers, frozenset({DOCKER_MANIFEST, DOCKER_LIST})) is None
-    assert choose_answer(answers, None) is None
-
-
-def test_an_index_answer_serves_every_set_that_accepts_its_type() -> None:
-    listed = _answer("sha256:list", DOCKER_LIST)
-    answers = {accept_key(frozenset({DOCKER_MANIFEST, DOCKER_LIST})): listed}
-    assert choose_answer(answers, None) == listed
-    assert choose_answer(answers, frozenset({DOCKER_LIST, OCI_INDEX})) == listed
-    assert choose_answer(answers, frozenset({DOCKER_MANIFEST})) is None
-
-
-def test_records_of_the_previous_format_keep_serving() -> None:
-    single = {"types": {OCI_MANIFEST: {"digest": "sha256:one", "fetched": 5.0}}}
-    answers = answers_of(single)
-    assert choose_answer(answers, None) is not None  # a tag that only ever had one manifest
-    multi = {
-        "types": {
-            DOCKER_MANIFEST: {"digest": "sha256:amd", "fetched": 9.0},
-            DOCKER_LIST: {"digest": "sha256:list", "fetched": 5.0},
-        }
-    }
-    answers = answers_of(multi)
-    # The poisoned entry of the old format no longer wins for list-accepting clients.
-    chosen = choose_answer(answers, frozenset({DOCKER_MANIFEST, DOCKER_LIST}))
-    assert chosen is not None and chosen["digest"] == "sha256:list"
-    chosen = choose_answer(answers, frozenset({DOCKER_MANIFEST}))
-    assert chosen is not None and chosen["digest"] == "sha256:amd"

@@ -11,12 +11,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from proxy.core.mediatypes import accept_key
 from proxy.core.reference import Digest
+from proxy.flows.manifests import choose_answer
+from proxy.store.catalogue import TagAnswer
 from proxy.store.storage import Storage
 from proxy.web import keys
 from tests.conftest import StartProxy
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import (
+    DOCKER_LIST,
     DOCKER_MANIFEST,
     MANIFEST_ACCEPT,
     OCI_INDEX,
@@ -27,6 +31,26 @@ from tests.support.images import (
 from tests.support.smallfs import fill_up, small_fs
 
 MiB = 1024 * 1024
+
+
+def _answer(digest: str, media_type: str, fetched: float = 1.0) -> TagAnswer:
+    return TagAnswer(digest, media_type, fetched)
+
+
+def test_a_single_manifest_answer_serves_only_its_own_accept_set() -> None:
+    amd = _answer("sha256:amd", DOCKER_MANIFEST)
+    answers = {accept_key(frozenset({DOCKER_MANIFEST})): amd}
+    assert choose_answer(answers, frozenset({DOCKER_MANIFEST})) == amd
+    assert choose_answer(answers, frozenset({DOCKER_MANIFEST, DOCKER_LIST})) is None
+    assert choose_answer(answers, None) is None
+
+
+def test_an_index_answer_serves_every_set_that_accepts_its_type() -> None:
+    listed = _answer("sha256:list", DOCKER_LIST)
+    answers = {accept_key(frozenset({DOCKER_MANIFEST, DOCKER_LIST})): listed}
+    assert choose_answer(answers, None) == listed
+    assert choose_answer(answers, frozenset({DOCKER_LIST, OCI_INDEX})) == listed
+    assert choose_answer(answers, frozenset({DOCKER_MANIFEST})) is None
 
 
 async def get_manifest(
@@ -147,6 +171,7 @@ async def test_a_stored_manifest_changed_on_disk_is_fetched_again_not_served(
     first = await start_proxy({"docker.io": fake.url}, cache_dir=cache)
     assert (await get_manifest(session, f"{first.url}/v2/library/app/manifests/{digest}"))[0] == 200
     stored = first.app[keys.STORAGE].blob_path(Digest.parse(digest))
+    await first.server.close()
     stored.write_bytes(image.manifest[:-10] + b"0" * 10)  # same size, other bytes
     # A fresh process (nothing in memory) reads the changed file: it must not serve it.
     second = await start_proxy({"docker.io": fake.url}, cache_dir=cache)
@@ -169,5 +194,4 @@ async def test_a_full_disk_still_serves_a_verified_manifest_and_leaves_no_temp_f
             )
             assert (status, content_type, body) == (200, OCI_MANIFEST, image.manifest)
         assert proxy.temp_files() == []
-        assert list(proxy.app[keys.STORAGE].records.glob("*.tmp")) == []
         assert await proxy.cached() == set()

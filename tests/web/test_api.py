@@ -40,6 +40,9 @@ async def test_base_endpoint(
         assert await resp.json() == {}
 
 
+# What a cache directory holds, and nothing else (the database's WAL files included).
+CACHE_LAYOUT = ["blobs", "index.db", "index.db-shm", "index.db-wal", "lock", "tmp"]
+
 BAD_REQUESTS = [
     ("GET /v2/../../etc/passwd HTTP/1.1", {}, 400, "NAME_INVALID"),
     ("GET /v2/%2e%2e/%2e%2e/etc/passwd/manifests/latest HTTP/1.1", {}, 400, "NAME_INVALID"),
@@ -83,7 +86,7 @@ async def test_bad_input_gets_a_4xx_oci_error_and_the_proxy_keeps_serving(
     assert b"Traceback" not in body
     # Nothing reached upstream, and no file was created outside the cache's own layout.
     assert fake.seen == []
-    assert sorted(os.listdir(proxy.settings.cache_dir)) == ["blobs", "records", "tmp"]
+    assert sorted(os.listdir(proxy.settings.cache_dir)) == CACHE_LAYOUT
     status_after, _ = await raw_request(proxy.server.port or 0, "GET /v2/ HTTP/1.1")
     assert status_after == 200
 
