@@ -52,6 +52,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--max-cache-size", metavar="SIZE", help="disk budget for blobs, e.g. 50GiB (default 20GiB)"
     )
+    s.add_argument(
+        "--offline",
+        action="store_const",
+        const=True,
+        help="never connect to any upstream: serve what the cache holds, whatever its age",
+    )
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
     s.add_argument("--log-format", choices=("json", "console"), help="default json")
     s.add_argument(
@@ -82,6 +88,7 @@ def _flags(ns: argparse.Namespace) -> dict[str, Any]:
         "max_cache_size": "max_cache_size",
         "log_level": "log_level",
         "log_format": "log_format",
+        "offline": "offline",
     }
     return {key: getattr(ns, attr, None) for key, attr in names.items()}
 
@@ -117,9 +124,11 @@ async def serve(settings: Settings) -> None:
             "listening",
             url=f"http://{shown}:{port}",
             cache_dir=str(settings.cache_dir),
+            offline=settings.offline,
             upstreams={u.name: u.url for u in settings.upstreams},
         )
-        print(f"ocicache listening on http://{shown}:{port} (cache: {settings.cache_dir})", flush=True)
+        mode = ", offline: no upstream is contacted" if settings.offline else ""
+        print(f"ocicache listening on http://{shown}:{port} (cache: {settings.cache_dir}{mode})", flush=True)
     try:
         await stop.wait()
     finally:

@@ -252,6 +252,10 @@ class Catalogue:
     def answers(self, key: TagKey) -> dict[str, TagAnswer]:
         return self.tags.get(key, {})
 
+    def tag_names(self, upstream: str, repository: str) -> list[str]:
+        """The tags of a repository this cache can answer (a scan: for offline listings)."""
+        return [tag for (u, r, tag) in self.tags if u == upstream and r == repository]
+
     async def put_answers(self, key: TagKey, answers: dict[str, TagAnswer]) -> None:
         """Replace a tag's answers (the caller bounds how many); durable before it returns."""
         old = self.tags.get(key, {})

@@ -131,9 +131,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     def on_finish(fill: Fill) -> None:
         metrics.upstream_gets.labels(fill.upstream.name).inc(fill.upstream_gets)
         metrics.upstream_bytes.labels(fill.upstream.name).inc(fill.written)
-        outcome = (
-            "committed" if fill.state is State.DONE else (fill.error.code.value if fill.error else "failed")
-        )
+        if fill.state is State.DONE:
+            outcome = "uncached" if fill.window is not None else "committed"
+        else:
+            outcome = fill.error.code.value if fill.error else "failed"
         metrics.fills.labels(outcome).inc()
 
     fills = Fills(
@@ -141,6 +142,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         cache,
         retries=settings.blob_retries,
         cancel_abandoned=settings.cancel_abandoned_fills,
+        stall=settings.blob_read_timeout,
         on_commit=on_commit,
         on_finish=on_finish,
     )

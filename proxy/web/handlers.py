@@ -6,7 +6,7 @@ log line the middleware in :mod:`app` writes per request.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import json
 from typing import Final
 
 import structlog
@@ -19,6 +19,7 @@ from proxy.core.links import next_link
 from proxy.core.reference import Digest, Kind, parse_path, parse_range
 from proxy.core.routing import route
 from proxy.flows.fills import Fill, FillFailed
+from proxy.flows.window import Cut
 from proxy.upstream.client import UpstreamClient
 from proxy.web import keys
 from proxy.web.zerocopy import FileShrunk, send_file
@@ -80,13 +81,36 @@ async def tags(request: web.Request, client: UpstreamClient, repository: str) ->
     query["n"] = str(min(n, settings.tags_page_max))
     if "last" in request.query:
         query["last"] = request.query["last"]
-    body, link = await client.tags(repository, query)
     headers = {**API_VERSION, "Content-Type": "application/json"}
+    if client.offline:
+        # Offline, the tags this cache knows are the answer (a page of them, like upstream's).
+        known = request.app[keys.CATALOGUE].tag_names(client.name, repository)
+        if not known:
+            raise OciError(Code.NAME_UNKNOWN, "no tags cached, and the proxy is offline", {"offline": True})
+        page, more = tags_page(known, int(query["n"]), query.get("last"))
+        if more:
+            ours = next_link(
+                f'<?n={query["n"]}&last={page[-1]}>; rel="next"', request.rel_url.path, _routing(request)
+            )
+            if ours is not None:
+                headers["Link"] = ours
+        request[keys.CACHE_RESULT] = "offline"
+        body = json.dumps({"name": repository, "tags": page}).encode()
+        return web.Response(body=body, headers=headers)
+    body, link = await client.tags(repository, query)
     ours = None if link is None else next_link(link, request.rel_url.path, _routing(request))
     if ours is not None:
         headers["Link"] = ours
     request[keys.CACHE_RESULT] = "pass"
     return web.Response(body=body, headers=headers)
+
+
+def tags_page(names: list[str], n: int, last: str | None) -> tuple[list[str], bool]:
+    """A page of sorted tag ``names`` after ``last``, at most ``n``; and whether more follow."""
+    ordered = sorted(names)
+    if last is not None:
+        ordered = [t for t in ordered if t > last]
+    return ordered[:n], len(ordered) > n
 
 
 def _routing(request: web.Request) -> dict[str, str]:
@@ -158,6 +182,12 @@ async def blob(
                 return await _serve_cached(request, digest, fd, size)
             finally:
                 cache.release(digest, fd)
+    if client.offline and running is None:
+        raise OciError(
+            Code.BLOB_UNKNOWN,
+            "not cached, and the proxy is offline",
+            {"digest": str(digest), "offline": True},
+        )
     if request.method == "HEAD" and running is None:
         # Asking whether a blob exists is not asking for it: upstream answers, nothing downloads.
         upstream_size = await client.blob_size(repository, digest)
@@ -210,8 +240,18 @@ async def _serve_fill(request: web.Request, fill: Fill) -> web.StreamResponse:
     resp, first, end = _start(request, fill.digest, size, verified=not unverified)
     if unverified and request.method != "HEAD" and resp.status == 206:
         fill.note_unverified_reader(_client_of(request))
-    with request.app[keys.CACHE].pinned(fill.digest):
-        return await _send_body(request, resp, fill.read_fd, first, end, fill.wait_beyond)
+    reader = id(resp)
+    try:
+        fill.attach(reader, first)
+    except Cut as exc:
+        # A download the disk could not take, joined too late: nothing sent yet, so an honest
+        # "try again" (the next try finds the download over, and starts its own).
+        raise OciError(Code.UNAVAILABLE, str(exc), headers={"Retry-After": "1"}) from None
+    try:
+        with request.app[keys.CACHE].pinned(fill.digest):
+            return await _send_body(request, resp, fill.read_fd, first, end, fill)
+    finally:
+        fill.detach(reader)
 
 
 def _client_of(request: web.Request) -> str:
@@ -225,9 +265,10 @@ async def _send_body(
     fd: int,
     first: int,
     end: int,
-    available: Callable[[int], Awaitable[int]] | None,
+    fill: Fill | None,
 ) -> web.StreamResponse:
-    """Send bytes [first, end) of ``fd``; with ``available``, tail a file that is still growing."""
+    """Send bytes [first, end) of ``fd``; with a ``fill``, tail its file as it grows, and take
+    from its window the bytes a full disk kept in memory."""
     writer = await resp.prepare(request)
     assert writer is not None
     if request.method == "HEAD":
@@ -236,15 +277,27 @@ async def _send_body(
     pos = first
     try:
         while pos < end:
-            limit = end if available is None else min(await available(pos), end)
+            if fill is None:
+                limit = end
+            else:
+                limit = min(await fill.wait_beyond(pos), end)
+                window = fill.window
+                if window is not None and limit > window.origin:
+                    if pos >= window.origin:
+                        data = window.take(id(resp), pos, limit)
+                        await resp.write(data)
+                        request[keys.SENT] = request.get(keys.SENT, 0) + len(data)
+                        pos = limit
+                        continue
+                    limit = window.origin  # the part still in the file first
             await send_file(request, writer, fd, pos, limit - pos)
             request[keys.SENT] = request.get(keys.SENT, 0) + (limit - pos)
             pos = limit
     except FileShrunk:
-        if available is None:
+        if fill is None:
             raise  # a cached file: the caller drops it, then aborts
         return _abort(request, resp)
-    except (FillFailed, ConnectionResetError):
+    except (FillFailed, Cut, ConnectionResetError):
         return _abort(request, resp)
     except Exception:
         # Headers are gone already: the only honest way left to fail is to cut the connection.

@@ -123,6 +123,25 @@ def test_password_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ({"max_cache_size": float("inf")}, "max_cache_size"),
         ({"max_cache_size": "9" * 400}, "max_cache_size"),
         ({"max_cache_size": [1]}, "max_cache_size"),
+        ({"max_cache_size": 0}, "max_cache_size"),  # people read 0 as unlimited
+        ({"max_cache_size": "0GiB"}, "max_cache_size"),
+        ({"high_watermark": 0}, "high_watermark"),
+        ({"high_watermark": "120%"}, "high_watermark"),
+        ({"low_watermark": "95%", "high_watermark": "90%"}, "low_watermark"),
+        ({"tag_rules": [{"pattern": "(", "ttl": 5}]}, "tag_rules[0].pattern"),
+        ({"tag_rules": [{"pattern": "x", "ttl": "soon"}]}, "tag_rules[0].ttl"),
+        ({"tag_rules": [{"pattern": "x"}]}, "tag_rules[0]"),
+        ({"tag_rules": "latest"}, "tag_rules"),
+        ({"pins": ["nope.example/x:1"]}, "pins[0]"),
+        ({"pins": ["docker.io/library/alpine:bad tag"]}, "pins[0]"),
+        ({"pins": 5}, "pins"),
+        ({"max_unused": "sometime"}, "max_unused"),
+        ({"offline": "maybe"}, "offline"),
+        (
+            {"upstreams": {"a.io": {"url": "http://x", "keep_deleted": "maybe"}}},
+            "upstreams.a.io.keep_deleted",
+        ),
+        ({"upstreams": {"a.io": {"url": "http://x", "tag_ttl": "soon"}}}, "upstreams.a.io.tag_ttl"),
         ({"listen": 5000}, "listen"),
         ({"listen": "h:" + "9" * 5000}, "listen"),
         ({"cache_dir": ["/tmp"]}, "cache_dir"),
@@ -170,3 +189,30 @@ def test_numbers_from_yaml_and_from_the_environment(tmp_path: Path) -> None:
     assert (s.tag_ttl, s.manifest_timeout, s.blob_retries, s.max_cache_bytes) == (90, 2.5, 5, 1048576)
     assert s.tags_page_max == 50
     assert load(None, {"tag_ttl": "2h"}, {}).tag_ttl == 7200
+
+
+def test_policy_settings_parse() -> None:
+    s = load(
+        None,
+        {
+            "tag_ttl": "forever",
+            "tag_rules": [{"pattern": "v[0-9.]+", "ttl": "forever"}, {"pattern": "latest", "ttl": "1m"}],
+            "high_watermark": "95%",
+            "low_watermark": 0.8,
+            "max_unused": "30d",
+            "offline": "true",
+            "pins": ["alpine", "docker.io/library/busybox:1.36"],
+            "upstreams": {"docker.io": {"url": "https://registry-1.docker.io", "tag_ttl": "forever"}},
+        },
+        {},
+    )
+    assert s.tag_ttl is None and s.offline and s.max_unused == 30 * 86400
+    assert (s.high_watermark, s.low_watermark) == (0.95, 0.8)
+    assert [r.ttl for r in s.tag_rules] == [None, 60.0]
+    assert s.ttl_for(s.upstreams[0], "latest") == 60.0
+    assert s.ttl_for(s.upstreams[0], "edge") is None  # the upstream's own: forever
+    assert s.pins == ("alpine", "docker.io/library/busybox:1.36")
+    assert load(None, {}, {"OCICACHE_OFFLINE": "1", "OCICACHE_PINS": "alpine,busybox"}).pins == (
+        "alpine",
+        "busybox",
+    )

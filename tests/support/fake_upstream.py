@@ -16,7 +16,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -129,6 +129,8 @@ class FakeUpstream:
         self.token_url = ""
         self.cdn_url = ""
         self.seen: list[Seen] = []
+        # Called with every request as it arrives: tests that act at the n-th request.
+        self.observers: list[Callable[[Seen], None]] = []
         self.faults: dict[str, BlobFaults] = {}
         self.rate_limit_next = 0
         self.retry_after = 7
@@ -160,6 +162,10 @@ class FakeUpstream:
         if tag is not None:
             tags[tag] = digest
         return digest
+
+    def delete_tag(self, name: str, tag: str) -> None:
+        """Upstream forgets a tag (the manifest stays reachable by digest)."""
+        self._tags.get(name, {}).pop(tag, None)
 
     def add_image(self, name: str, image: Image, tag: str | None = None) -> str:
         """An image's blobs, and its manifest under ``name`` (and ``tag``); its digest."""
@@ -240,7 +246,10 @@ class FakeUpstream:
         async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
             # Recorded on arrival, so a stalled request is already visible.
             headers = {k.lower(): v for k, v in request.headers.items()}
-            self.seen.append(Seen(origin, request.method, request.path, dict(request.query), headers))
+            seen = Seen(origin, request.method, request.path, dict(request.query), headers)
+            self.seen.append(seen)
+            for observe in self.observers:
+                observe(seen)
             if origin == "registry" and self.rate_limit_next > 0 and request.path.startswith("/v2/"):
                 self.rate_limit_next -= 1  # after recording: 429s count as requests too
                 return _error(429, "TOOMANYREQUESTS", "rate limited", {"Retry-After": str(self.retry_after)})
