@@ -56,7 +56,7 @@ class Proxy:
         await self.app[keys.FILLS].settled()
         await self.app[keys.CACHE].settled()  # and the eviction a commit may have started
         storage = self.app[keys.STORAGE]
-        return {str(b.digest) for b in storage.scan()}
+        return {b.digest for b in storage.scan()}
 
     def temp_files(self) -> list[Path]:
         return list(self.app[keys.STORAGE].tmp.iterdir())

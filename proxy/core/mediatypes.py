@@ -5,9 +5,10 @@ type (distribution 2.8, measured: a Docker manifest list asked for with only the
 answers the linux/amd64 manifest, with no ``Accept`` a schema 1 conversion; an OCI index that is
 not accepted answers 404). So the answer for a tag is a function of the tag *and* the set of
 types the client accepts; :func:`accept_key` names that set, and a cache keeps one answer per
-key. The one inference that is always safe: an index or list answer is the stored manifest
-itself (negotiation only ever goes from an index down to a platform manifest), so it is what any
-client that accepts its type would get.
+key. Two inferences are always safe: an index or list answer is the stored manifest itself
+(negotiation only ever goes from an index down to a platform manifest), and so is any answer
+to a set that accepts every index type (there was no index to negotiate away); either is what
+any client that accepts its type would get.
 
 The body decides its own type: the digest covers the body, not upstream's ``Content-Type``, and
 a captive portal's HTML page or an ``application/octet-stream`` header says nothing about what
@@ -188,7 +189,7 @@ def describe(body: bytes) -> Described:
         artifact = config.get("mediaType")
     return Described(
         children=tuple(dict.fromkeys(children)),
-        platforms=tuple(p for p in platforms if p),
+        platforms=tuple(p for p in platforms if p and not any(c.isspace() for c in p) and len(p) <= 64),
         subject=subject_digest if _is_digest_text(subject_digest) else None,
         artifact_type=artifact if isinstance(artifact, str) and len(artifact) <= 255 else None,
     )

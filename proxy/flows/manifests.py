@@ -35,6 +35,7 @@ from proxy.core.config import Settings
 from proxy.core.errors import Code, OciError
 from proxy.core.mediatypes import (
     DOCKER_SCHEMA1_SIGNED,
+    INDEX_TYPES,
     MANIFEST_MAX,
     NotAManifest,
     accept_key,
@@ -80,13 +81,21 @@ def verify_body(body: bytes, digest: Digest) -> bool:
 
 def choose_answer(answers: dict[str, TagAnswer], accepted: frozenset[str] | None) -> TagAnswer | None:
     """The answer for a client accepting ``accepted``: the one given for that very set, else
-    the freshest index answer of a type it accepts. Never a single manifest given to another
-    set: that one may be the result of negotiating an index away."""
+    the freshest answer that is the tag's stored manifest, if the client accepts its type.
+
+    An answer is the stored manifest when it is an index (negotiation only ever goes from an
+    index down), or when it was given to a set that accepts every index type (so upstream had
+    no index to negotiate away). Never another single manifest: that one may be what a narrow
+    client was given instead of the index."""
     exact = answers.get(accept_key(accepted))
     if exact is not None:
         return exact
-    indexes = [a for a in answers.values() if is_index(a.media_type) and accepts(accepted, a.media_type)]
-    return max(indexes, key=lambda a: a.fetched, default=None)
+    stored = [
+        a
+        for key, a in answers.items()
+        if accepts(accepted, a.media_type) and (is_index(a.media_type) or INDEX_TYPES <= set(key.split(",")))
+    ]
+    return max(stored, key=lambda a: a.fetched, default=None)
 
 
 def _bounded(answers: dict[str, TagAnswer]) -> dict[str, TagAnswer]:

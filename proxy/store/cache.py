@@ -93,6 +93,7 @@ class BlobCache:
         self._pins: Counter[str] = Counter()
         self._evicting: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._checking: asyncio.Task[None] | None = None
         self.open_files = OpenFiles()
         catalogue.drop_observers.append(self.open_files.drop)
         self.evicted = 0
@@ -111,10 +112,31 @@ class BlobCache:
                 free=free,
             )
             self.max_bytes = room
+        self._checking = asyncio.get_running_loop().create_task(self._check_sizes(), name="size check")
         self._maybe_evict()
         if self.budget.max_unused is not None:
             every = min(self.budget.max_unused / 10, UNUSED_SWEEP_MAX)
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop(max(every, 0.01)))
+
+    async def _check_sizes(self) -> None:
+        """Right after start-up: every file at the size it was verified at, or it goes (it is
+        fetched again when next asked for). Opening checks the same, so a request that comes
+        first is safe too."""
+        expected = {d: e.size for d, e in self.catalogue.blobs.items()}
+        sizes = await asyncio.to_thread(self.storage.sizes, list(expected))
+        wrong = [d for d, size in sizes.items() if size != expected[d] and d in self.catalogue.blobs]
+        for digest in wrong:
+            log.warning("blob_size_mismatch", digest=digest, verified=expected[digest], on_disk=sizes[digest])
+            await self.remove(Digest.parse(digest))
+        missing = [d for d in expected if d not in sizes and d in self.catalogue.blobs]
+        for digest in missing:
+            self.catalogue.drop(digest)
+        log.info("cache_sizes_checked", blobs=len(expected), wrong=len(wrong), missing=len(missing))
+
+    async def checked(self) -> None:
+        """Wait for the start-up size check (tests)."""
+        if self._checking is not None:
+            await self._checking
 
     # --- what is held -------------------------------------------------------------------------
 
@@ -265,6 +287,9 @@ class BlobCache:
             await self._evicting
 
     async def close(self) -> None:
+        if self._checking is not None:
+            self._checking.cancel()
+            await asyncio.gather(self._checking, return_exceptions=True)
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)

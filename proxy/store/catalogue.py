@@ -22,7 +22,6 @@ Touched only from the event loop thread.
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 import time
 from collections import OrderedDict
@@ -36,7 +35,7 @@ from cachetools import LRUCache
 from proxy.core.mediatypes import Described
 from proxy.store.db import Database
 from proxy.store.migrate import migrate_records, remove_records
-from proxy.store.reconcile import BLOB, MANIFEST, Loaded, decode_list, drop_rows, reconcile
+from proxy.store.reconcile import BLOB, MANIFEST, Loaded, decode_list, drop_rows, encode_list, reconcile
 from proxy.store.storage import Storage
 
 __all__ = ["BLOB", "MANIFEST", "BlobEntry", "Catalogue", "ManifestInfo", "TagAnswer", "TagKey"]
@@ -370,8 +369,8 @@ def _upsert_manifest(digest: str, info: ManifestInfo, now: float) -> Callable[[s
                 digest,
                 info.media_type,
                 info.size,
-                json.dumps(info.platforms),
-                json.dumps(info.children),
+                encode_list(info.platforms),
+                encode_list(info.children),
                 info.subject,
                 info.artifact_type,
             ),

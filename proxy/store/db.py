@@ -45,8 +45,8 @@ CREATE TABLE IF NOT EXISTS manifests (
     digest TEXT PRIMARY KEY,
     media_type TEXT NOT NULL,
     size INTEGER NOT NULL,
-    platforms TEXT NOT NULL DEFAULT '[]',
-    children TEXT NOT NULL DEFAULT '[]',
+    platforms TEXT NOT NULL DEFAULT '',  -- space-separated os/arch[/variant]
+    children TEXT NOT NULL DEFAULT '',   -- space-separated digests it needs
     subject TEXT,
     artifact_type TEXT
 ) WITHOUT ROWID;

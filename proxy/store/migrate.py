@@ -21,7 +21,7 @@ import structlog
 
 from proxy.core.mediatypes import MANIFEST_MAX, accept_key, describe, is_index
 from proxy.core.reference import Digest
-from proxy.store.reconcile import MANIFEST
+from proxy.store.reconcile import MANIFEST, encode_list
 from proxy.store.storage import Storage
 
 log = structlog.get_logger("ocicache.migrate")
@@ -116,8 +116,8 @@ def _manifest(conn: sqlite3.Connection, storage: Storage, digest_text: str, data
             digest_text,
             media_type,
             len(body),
-            json.dumps(info.platforms),
-            json.dumps(info.children),
+            encode_list(info.platforms),
+            encode_list(info.children),
             info.subject,
             info.artifact_type,
         ),

@@ -4,7 +4,6 @@ by the caller). A proxy started on the directory afterwards reconciles as always
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from proxy.store.catalogue import ManifestInfo
 from proxy.store.db import SCHEMA, SCHEMA_VERSION
-from proxy.store.reconcile import BLOB, MANIFEST
+from proxy.store.reconcile import BLOB, MANIFEST, encode_list
 
 
 def seed(
@@ -49,8 +48,8 @@ def seed(
                     digest,
                     info.media_type,
                     info.size,
-                    json.dumps(info.platforms),
-                    json.dumps(info.children),
+                    encode_list(info.platforms),
+                    encode_list(info.children),
                     info.subject,
                     info.artifact_type,
                 ),

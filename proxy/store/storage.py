@@ -15,20 +15,25 @@ crash at any moment leaves either the whole verified blob or nothing. Whatever i
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy.core.errors import OciError
 from proxy.core.reference import DIGEST_HEX, Digest
 
 
 @dataclass(frozen=True, slots=True)
 class StoredBlob:
-    digest: Digest
+    digest: str  # "sha256:<hex>", proven well-formed by the file's name
     size: int
     mtime: float
+
+    @property
+    def ref(self) -> Digest:
+        alg, _, hexpart = self.digest.partition(":")
+        return Digest(alg, hexpart)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -88,15 +93,42 @@ class Storage:
     def remove(self, digest: Digest) -> None:
         self.blob_path(digest).unlink(missing_ok=True)
 
+    def names(self) -> set[str]:
+        """The digests of every file under ``blobs/`` (names only: no stat, so 100,000 files
+        take a tenth of a second where their sizes take half a second more)."""
+        found: set[str] = set()
+        for alg, length in DIGEST_HEX.items():
+            name = re.compile(f"[0-9a-f]{{{length}}}")
+            with os.scandir(self.blobs / alg) as entries:
+                found.update(f"{alg}:{e.name}" for e in entries if name.fullmatch(e.name))
+        return found
+
+    def stat(self, digest: str) -> StoredBlob | None:
+        alg, _, hexpart = digest.partition(":")
+        try:
+            st = os.stat(self.blobs / alg / hexpart, follow_symlinks=False)
+        except OSError:
+            return None
+        return StoredBlob(digest, st.st_size, st.st_mtime)
+
+    def sizes(self, digests: list[str]) -> dict[str, int]:
+        """The sizes of those files that still exist."""
+        return {d: s.size for d in digests if (s := self.stat(d)) is not None}
+
     def scan(self) -> Iterator[StoredBlob]:
-        for alg in DIGEST_HEX:
-            for entry in os.scandir(self.blobs / alg):
-                try:
-                    digest = Digest.parse(f"{alg}:{entry.name}")
-                    st = entry.stat()
-                except (OSError, OciError):
-                    continue  # not ours (a stray file): leave it out of the index
-                yield StoredBlob(digest, st.st_size, st.st_mtime)
+        """Every file under ``blobs/`` whose name is a digest (a stray file is not ours)."""
+        for alg, length in DIGEST_HEX.items():
+            # One compiled match per name: 100,000 files are scanned at every start.
+            name = re.compile(f"[0-9a-f]{{{length}}}")
+            with os.scandir(self.blobs / alg) as entries:
+                for entry in entries:
+                    if not name.fullmatch(entry.name):
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue  # removed meanwhile
+                    yield StoredBlob(f"{alg}:{entry.name}", st.st_size, st.st_mtime)
 
 
 def _write_durably(path: Path, data: bytes) -> None:

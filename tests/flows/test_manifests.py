@@ -45,6 +45,15 @@ def test_a_single_manifest_answer_serves_only_its_own_accept_set() -> None:
     assert choose_answer(answers, None) is None
 
 
+def test_an_answer_to_a_set_with_every_index_type_is_the_stored_manifest() -> None:
+    single = _answer("sha256:one", OCI_MANIFEST)
+    answers = {accept_key(None): single}
+    # Upstream had no index to give a client that accepted both kinds: this is the tag's own.
+    assert choose_answer(answers, frozenset({OCI_MANIFEST})) == single
+    assert choose_answer(answers, frozenset({OCI_MANIFEST, OCI_INDEX})) == single
+    assert choose_answer(answers, frozenset({DOCKER_MANIFEST})) is None
+
+
 def test_an_index_answer_serves_every_set_that_accepts_its_type() -> None:
     listed = _answer("sha256:list", DOCKER_LIST)
     answers = {accept_key(frozenset({DOCKER_MANIFEST, DOCKER_LIST})): listed}
@@ -195,3 +204,18 @@ async def test_a_full_disk_still_serves_a_verified_manifest_and_leaves_no_temp_f
             assert (status, content_type, body) == (200, OCI_MANIFEST, image.manifest)
         assert proxy.temp_files() == []
         assert await proxy.cached() == set()
+
+
+async def test_a_manifest_asked_for_as_a_blob_is_what_upstream_says_not_the_cached_bytes(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    image = make_image(seed=47)
+    digest = fake.add_manifest("library/app", image.manifest, OCI_MANIFEST, tag="v1")
+    proxy = await start_proxy({"docker.io": fake.url})
+    assert (await get_manifest(session, f"{proxy.url}/v2/library/app/manifests/v1"))[0] == 200
+    assert digest in await proxy.cached()
+    for method in ("GET", "HEAD"):
+        async with session.request(method, f"{proxy.url}/v2/library/app/blobs/{digest}") as resp:
+            # The fake, like distribution, has no blob of that digest.
+            assert resp.status == 404
+    assert fake.count(path_contains=f"/blobs/{digest}") == 2

@@ -29,7 +29,7 @@ def test_storage_prepare_removes_interrupted_downloads(tmp_path: Path) -> None:
     s.put_bytes(digest(b"whole"), b"whole")
     s.prepare()
     assert list(s.tmp.iterdir()) == []
-    assert [b.digest for b in s.scan()] == [digest(b"whole")]
+    assert [b.ref for b in s.scan()] == [digest(b"whole")]
     # A stray file with a name that is not a digest is not indexed.
     (s.blobs / "sha256" / "not-a-digest").write_bytes(b"x")
-    assert [b.digest for b in s.scan()] == [digest(b"whole")]
+    assert [b.ref for b in s.scan()] == [digest(b"whole")]

@@ -204,3 +204,25 @@ async def test_one_process_writes_a_cache_directory(
         assert done.returncode == 2, done.stderr
         assert f"in use by pid {os.getpid()}" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+async def test_the_start_up_size_check_drops_what_changed_behind_our_back(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    blobs = [os.urandom(1000 + i) for i in range(3)]
+    digests = [fake.add_blob(b) for b in blobs]
+    cache = tmp_path / "cache"
+    first = await start_proxy({"docker.io": fake.url}, cache_dir=cache)
+    for digest in digests:
+        async with session.get(f"{first.url}/v2/library/app/blobs/{digest}") as resp:
+            await resp.read()
+    await first.cached()
+    await first.server.close()
+    storage = Storage(cache)
+    os.truncate(storage.blob_path(Digest.parse(digests[0])), 10)
+    with open(storage.blob_path(Digest.parse(digests[1])), "ab") as f:
+        f.write(b"grown")
+    second = await start_proxy({"docker.io": fake.url}, cache_dir=cache)
+    await second.app[keys.CACHE].checked()
+    assert set(second.app[keys.CATALOGUE].blobs) == {digests[2]}
+    assert await second.cached() == {digests[2]}
