@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
@@ -15,6 +15,9 @@ from proxy.store.storage import Storage
 from proxy.upstream.client import UpstreamClient
 from proxy.web.metrics import Metrics
 
+if TYPE_CHECKING:
+    from proxy.web.guard import Guard  # which imports this module
+
 SETTINGS: Final = web.AppKey("settings", Settings)
 METRICS: Final = web.AppKey("metrics", Metrics)
 STORAGE: Final = web.AppKey("storage", Storage)
@@ -23,9 +26,12 @@ FILLS: Final = web.AppKey("fills", Fills)
 MANIFESTS: Final = web.AppKey("manifests", ManifestStore)
 ACCESS: Final = web.AppKey("access", Access)
 UPSTREAMS: Final = web.AppKey("upstreams", dict[str, UpstreamClient])
+# Only when auth: is configured.
+GUARD: Final[web.AppKey[Guard]] = web.AppKey("guard")
 
 # Per-request notes for the access log line (request-scoped dict keys).
 KIND: Final = "ocicache.kind"
 CACHE_RESULT: Final = "ocicache.cache"
 SENT: Final = "ocicache.sent"
 ABORTED: Final = "ocicache.aborted"
+USER: Final = "ocicache.user"  # the verified user name; never a credential
