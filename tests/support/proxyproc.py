@@ -19,11 +19,11 @@ STOP_TIMEOUT = 30.0
 @dataclass
 class ProxyProcess:
     proc: asyncio.subprocess.Process
-    url: str  # http://127.0.0.1:PORT
+    url: str  # http://127.0.0.1:PORT, or https://
 
     @property
     def host(self) -> str:
-        return self.url.removeprefix("http://")
+        return self.url.partition("://")[2]
 
 
 @asynccontextmanager
@@ -48,7 +48,7 @@ async def serving(cache: Path, upstreams: Mapping[str, str], *extra: str) -> Asy
         assert proc.stdout is not None
         # It prints where it listens once the socket is bound: no polling needed.
         line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
-        match = re.search(rb"listening on (http://\S+)", line)
+        match = re.search(rb"listening on (https?://\S+)", line)
         assert match, line
         yield ProxyProcess(proc, match.group(1).decode())
     finally:

@@ -172,3 +172,22 @@ def test_a_bad_client_ca(tmp_path: Path, pki: Pki) -> None:
     junk.write_text("not a certificate\n")
     with pytest.raises(ConfigError, match=r"^tls.client_ca"):
         tls.server_context(TlsConfig(pki.server.cert, pki.server.key, client_ca=junk))
+
+
+async def test_blobs_over_tls_are_whole_cold_and_warm(
+    start_proxy: StartProxy, fake: FakeUpstream, pki: Pki
+) -> None:
+    """Zero-copy sendfile writes to the socket underneath TLS: over HTTPS it must not be used."""
+    data = bytes(range(256)) * 40_000  # 10 MB: large enough for the threaded sendfile path
+    digest = fake.add_blob(data)
+    proxy, _ = await start_tls(start_proxy, fake, TlsConfig(pki.server.cert, pki.server.key))
+    ctx = client_context(pki.ca)
+    url = f"{proxy.url}/v2/library/app/blobs/{digest}"
+    async with aiohttp.ClientSession() as session:
+        for _ in ("cold", "warm"):
+            async with session.get(url, ssl=ctx) as resp:
+                assert resp.status == 200
+                assert await resp.read() == data
+        async with session.get(url, ssl=ctx, headers={"Range": "bytes=1000-2999999"}) as resp:
+            assert resp.status == 206
+            assert await resp.read() == data[1000:3_000_000]
