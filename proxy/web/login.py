@@ -33,7 +33,8 @@ async def token(request: web.Request) -> web.Response:
     if request.method == hdrs.METH_POST:
         try:
             form = await request.post()
-        except ValueError:
+        except (ValueError, web.HTTPRequestEntityTooLarge):
+            # A login that is not one: refused like any other, never an error of ours.
             raise guard.unauthorized(request, "malformed token request") from None
         grant = form.get("grant_type")
         if grant != "password":

@@ -165,3 +165,25 @@ def test_bad_tokens_stop_the_start_without_showing_them(
     with pytest.raises(ConfigError, match=r"^auth.tokens_env: CI_TOKENS: line 1") as info:
         settings_from(tmp_path, {"auth": {"tokens_env": "CI_TOKENS"}})
     assert "tooshort" not in str(info.value)
+
+
+def test_the_examples_commented_auth_and_tls_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    example = Path(__file__).resolve().parents[2] / "config" / "ocicache.example.yaml"
+    lines = example.read_text().splitlines()
+    blocks: list[str] = []
+    for start in ("# auth:", "# tls:"):
+        i = next(n for n, line in enumerate(lines) if line.startswith(start))
+        while i < len(lines) and lines[i].startswith("#"):
+            blocks.append(lines[i].removeprefix("# ").removeprefix("#"))
+            i += 1
+    text = "\n".join(blocks).replace("/etc/ocicache/", f"{tmp_path}/")
+    (tmp_path / "htpasswd").write_text(f"ci:{HASH}\n")
+    (tmp_path / "tokens").write_text("robot:" + "r" * 20 + "\n")
+    for name in ("tls.crt", "tls.key", "clients-ca.crt"):
+        (tmp_path / name).write_text("x")
+    monkeypatch.setenv("OCICACHE_TOKENS", "ops:" + "o" * 20)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    s = load(cfg, {}, {})
+    assert s.auth.anonymous and len(s.auth.rules) == 2 and s.auth.max_failures == 10
+    assert s.tls is not None and s.tls.client_ca == tmp_path / "clients-ca.crt"

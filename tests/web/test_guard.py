@@ -455,3 +455,39 @@ async def test_no_credential_reaches_a_log(start_auth: StartAuth, capsys: pytest
         assert base64.b64encode(secret.encode()).decode()[:12] not in logged
     for headers in sent:
         assert headers["Authorization"].split(" ", 1)[1] not in logged
+
+
+async def test_a_hostile_host_header_cannot_bend_the_challenge(start_auth: StartAuth) -> None:
+    s = await start_auth()
+    port = s.proxy.server.port or 0
+    for host in ('evil.example"/auth/token,realm="x', "a b", "127.0.0.1:99999"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET /v2/ HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        assert data.startswith(b"HTTP/1.1 401")
+        challenge = [
+            line for line in data.split(b"\r\n") if line.lower().startswith(b"www-authenticate:")
+        ]
+        assert challenge == [
+            f'WWW-Authenticate: Bearer realm="http://127.0.0.1:{port}/auth/token",service="ocicache"'.encode()
+        ]
+
+
+async def test_hostile_token_requests(start_auth: StartAuth) -> None:
+    s = await start_auth(max_failures=100)
+    url = f"{s.proxy.url}/auth/token"
+    for body, content_type in (
+        (b"grant_type=password&username=ci&password=\xff\xfe", "application/x-www-form-urlencoded"),
+        (b"\xff" * 1000, "application/x-www-form-urlencoded"),
+        (b"grant_type=password&username=&password=x", "application/x-www-form-urlencoded"),
+        (b"grant_type=password&username=ci", "application/x-www-form-urlencoded"),
+        (b"x" * 70_000, "application/x-www-form-urlencoded"),  # past the body limit
+        (b'{"username": "ci"}', "application/json"),
+    ):
+        async with s.session.post(url, data=body, headers={"Content-Type": content_type}) as resp:
+            assert 400 <= resp.status < 500, (body[:40], resp.status)
+    for method in ("PUT", "DELETE"):
+        async with s.session.request(method, url) as resp:
+            assert resp.status == 405
+    assert (await s.get(s.manifest_url(), basic("ci", PASSWORDS["ci"])))[0] == 200
