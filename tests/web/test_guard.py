@@ -466,9 +466,7 @@ async def test_a_hostile_host_header_cannot_bend_the_challenge(start_auth: Start
         data = await asyncio.wait_for(reader.read(), 30)
         writer.close()
         assert data.startswith(b"HTTP/1.1 401")
-        challenge = [
-            line for line in data.split(b"\r\n") if line.lower().startswith(b"www-authenticate:")
-        ]
+        challenge = [line for line in data.split(b"\r\n") if line.lower().startswith(b"www-authenticate:")]
         assert challenge == [
             f'WWW-Authenticate: Bearer realm="http://127.0.0.1:{port}/auth/token",service="ocicache"'.encode()
         ]
