@@ -19,6 +19,8 @@ from typing import Final
 
 import bcrypt
 
+from proxy.core.tokens import PREFIX as ISSUED_PREFIX
+
 # A token is as strong as the person who chose it; refuse short ones instead of hoping.
 MIN_TOKEN_LENGTH: Final = 16
 _BCRYPT: Final = re.compile(r"\$2[aby]\$[0-9]{2}\$[./A-Za-z0-9]{53}")
@@ -61,6 +63,10 @@ def parse_tokens(text: str) -> dict[str, str]:
                 raise AccountsError(f"line {lineno}: expected user:token")
             if not _TOKEN.fullmatch(token):
                 raise AccountsError(f"line {lineno}: user {user!r}: a token is letters, digits and -._~+/")
+            if token.startswith(ISSUED_PREFIX):
+                raise AccountsError(
+                    f"line {lineno}: user {user!r}: {ISSUED_PREFIX} starts the proxy's own tokens"
+                )
             if len(token) < MIN_TOKEN_LENGTH:
                 raise AccountsError(
                     f"line {lineno}: user {user!r}: token shorter than {MIN_TOKEN_LENGTH} characters"

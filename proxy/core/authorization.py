@@ -28,6 +28,7 @@ _TOKEN68: Final = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 # What a realm or scope may contain: no quote, backslash or control character to break out of
 # the quoted-string it goes into.
 _QUOTABLE: Final = re.compile(r'[^"\\\x00-\x1f\x7f]*')
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class BadCredentials(ValueError):
@@ -81,7 +82,7 @@ def _basic(param: str) -> Basic:
     username, sep, password = text.partition(":")
     if not sep:
         raise BadCredentials("Basic credentials without a colon")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+    if _CONTROL.search(text):
         raise BadCredentials("control characters in Basic credentials")
     return Basic(username, password)
 

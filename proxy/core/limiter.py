@@ -25,6 +25,9 @@ def address_key(remote: str | None) -> str:
     """The unit a limit applies to: the IPv4 address, or the IPv6 /64."""
     if not remote:
         return "unknown"
+    if ":" not in remote:
+        # IPv4 as the socket reports it is already canonical; this runs on every request.
+        return remote[:64]
     try:
         addr = ipaddress.ip_address(remote)
     except ValueError:

@@ -71,6 +71,9 @@ class TokenSigner:
         payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
         return f"{PREFIX}{payload}.{_b64(self._mac(payload))}", now
 
+    def expired(self, claims: Claims) -> bool:
+        return claims.expires <= self._clock()
+
     def verify(self, token: str) -> Claims:
         body = token.removeprefix(PREFIX)
         payload, _, mac = body.partition(".")
@@ -81,6 +84,7 @@ class TokenSigner:
         if body == token or not hmac.compare_digest(given, self._mac(payload)):
             raise TokenRejected("token not issued by this proxy", forged=True)
         claims = json.loads(_unb64(payload))  # ours: we signed it
-        if claims["x"] <= self._clock():
+        result = Claims(claims["u"], claims["e"], claims["x"])
+        if self.expired(result):
             raise TokenRejected("token expired", forged=False)
-        return Claims(claims["u"], claims["e"], claims["x"])
+        return result

@@ -73,6 +73,7 @@ def test_tokens_by_line_or_comma() -> None:
         ("ci:short", "shorter than 16"),
         ("ci:" + "a" * 20 + " b", "a token is letters"),
         ("ci", "expected user:token"),
+        ("ci:ocq1." + "a" * 20, "starts the proxy's own tokens"),
         ("ci:" + "a" * 20 + "\ndev:" + "a" * 20, "line 2: a token appears twice"),
     ],
 )

@@ -345,11 +345,26 @@ async def test_a_verified_login_costs_no_more_bcrypt(
     assert len(calls) == 1
     # bcrypt ran on the guard's own threads, not in the default executor that file I/O uses.
     assert calls[0].startswith("ocicache-auth")
+    # An issued token is verified (base64, JSON, HMAC) once, then looked up.
+    token = await s.token(headers)
+    verified: list[str] = []
+    verify = s.guard.signer.verify
+
+    def counting_verify(token: str) -> Any:
+        verified.append(token)
+        return verify(token)
+
+    monkeypatch.setattr(s.guard.signer, "verify", counting_verify)
+    for _ in range(10):
+        assert (await s.get(s.manifest_url(), bearer(token)))[0] == 200
+    assert len(verified) == 1
 
 
 async def test_failed_attempts_are_limited_per_address(start_auth: StartAuth) -> None:
     s = await start_auth(max_failures=3, failure_window="1h")
     ci_token = await s.token(basic("ci", PASSWORDS["ci"]))
+    # Verified once, so remembered: the cache must not answer for an address out of attempts.
+    assert (await s.get(f"{s.proxy.url}/v2/", basic("ci", PASSWORDS["ci"])))[0] == 200
     for _ in range(3):
         assert (await s.get(s.manifest_url(), basic("ci", "guess")))[0] == 401
     # Out of attempts: even the right password waits, and says how long.
