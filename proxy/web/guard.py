@@ -142,6 +142,13 @@ class Guard:
             except Exception:
                 log.exception("accounts_watch_failed")
 
+    async def close(self) -> None:
+        """End the bcrypt checks still running (their clients are gone with the app)."""
+        running = list(self._pending.values())
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
     async def changed(self, after: int) -> None:
         """Wait until the accounts have been reloaded past generation ``after``."""
         while self.generation <= after:
@@ -371,5 +378,6 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+            await guard.close()
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
