@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from proxy.core.reference import Digest
-from proxy.flows.access import holder_key
+from proxy.store.seed import seed
 from proxy.store.storage import Storage
 
 ClientKind = Literal["wrk", "curl", "sink"]
@@ -468,9 +468,9 @@ def seed_cache(cache_dir: Path, blob: Path, digest: Digest) -> bool:
     storage = Storage(cache_dir)
     storage.prepare()
     linked = _link(blob, storage.blob_path(digest))
-    # Without this record the proxy would first ask upstream whether REPO holds the blob
-    # (proxy/access.py), and the upstream here is a closed port.
-    storage.write_record(holder_key(UPSTREAM, REPO, digest), {"holds": True})
+    # Without the holder row the proxy would first ask upstream whether REPO holds the blob
+    # (proxy/flows/access.py), and the upstream here is a closed port.
+    seed(cache_dir, blobs=[(str(digest), blob.stat().st_size)], holders=[(UPSTREAM, REPO, str(digest))])
     return linked
 
 

@@ -14,15 +14,24 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.web_runner import BaseRunner
 
 from proxy.cli.logs import configure
 from proxy.core.config import Settings, UpstreamConfig
 from proxy.web import keys
 from proxy.web.app import create_app
+from proxy.web.runner import AppRunner
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.registry import Registry, running_registry
 
 configure("warning", "console")
+
+
+class ProxyTestServer(TestServer):
+    """aiohttp's test server with ocicache's own runner (see proxy/web/runner.py)."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return AppRunner(self.app, **kwargs)
 
 
 @dataclass
@@ -77,7 +86,7 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
         if settings is None:
             assert upstreams is not None
             settings = make_settings(cache_dir or tmp_path / "cache", upstreams, **overrides)
-        server = TestServer(create_app(settings), host="127.0.0.1", port=0)
+        server = ProxyTestServer(create_app(settings), host="127.0.0.1", port=0)
         await server.start_server(ssl=ssl_context)
         servers.append(server)
         return Proxy(server, settings)

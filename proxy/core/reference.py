@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Final
 
+from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError
 
 # Components separated by "/"; each is lowercase alphanumerics joined by ".", "_", "__" or "-"s.
@@ -155,15 +156,17 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
         {"range": header[:100], "size": size},
         headers={"Content-Range": f"bytes */{size}"},
     )
-    if not dash or not (first_s.isdigit() or first_s == "") or not (last_s.isdigit() or last_s == ""):
+    first = parse_count(first_s) if first_s else None
+    last = parse_count(last_s) if last_s else None
+    if not dash or (first_s and first is None) or (last_s and last is None):
         raise bad
-    if first_s == "":
+    if first is None:
         # Suffix form "-N": the last N bytes.
-        if last_s == "" or int(last_s) == 0 or size == 0:
+        if last is None or last == 0 or size == 0:
             raise bad
-        return ByteRange(max(0, size - int(last_s)), size - 1)
-    first = int(first_s)
-    last = size - 1 if last_s == "" else int(last_s)
+        return ByteRange(max(0, size - last), size - 1)
+    if last is None:
+        last = size - 1
     if last < first or first >= size:
         raise bad
     return ByteRange(first, min(last, size - 1))

@@ -19,6 +19,7 @@ and hash updates in ``_write``, which the fill task awaits one at a time.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,7 @@ import structlog
 
 from proxy.core.errors import Code, OciError
 from proxy.core.reference import Digest
+from proxy.flows.window import Cut, Window
 from proxy.store.cache import BlobCache
 from proxy.store.storage import Storage
 from proxy.upstream.client import UpstreamClient, retryable
@@ -38,6 +40,11 @@ log = structlog.get_logger("ocicache.fills")
 
 # Largest piece written (and hashed) per worker-thread hop.
 WRITE_BATCH: Final = 4 * 1024 * 1024
+# Clients named in the warning when a fill that served unverified ranges fails.
+UNVERIFIED_NAMED: Final = 32
+# Room freed beyond the rest of a blob when the disk is full, for the catalogue and neighbours.
+EVICT_MARGIN: Final = 256 * 1024
+_DISK_FULL: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class FillFailed(Exception):
@@ -63,9 +70,19 @@ class Fill:
         # Every byte is here and hashed to the digest: readers may have the final byte, even
         # while the file is still being fsynced and renamed into the cache.
         self.verified = False
+        # Renamed into the cache and indexed.
+        self.committed = False
         self.error: OciError | None = None
         self.read_fd = -1
         self.upstream_gets = 0
+        # Clients sent a range of this download before its digest was checked (bounded list).
+        self.unverified_readers: list[str] = []
+        self.unverified_count = 0
+        # The disk was full: bytes from window.origin on are in memory, not in the file.
+        self.window: Window | None = None
+        self.evicted_for_space = False
+        # Reader -> the next offset it needs (for the window, if there is one).
+        self.readers: dict[int, int] = {}
         self._users = 0
         self._waiters: list[asyncio.Future[None]] = []
         self.task: asyncio.Task[None] | None = None
@@ -80,6 +97,27 @@ class Fill:
         self._users -= 1
         self._maybe_close_reader()
         return self._users
+
+    def attach(self, reader: int, at: int) -> None:
+        """A reader that will send bytes from ``at``; raises Cut when it comes too late to a
+        download the disk could not take (the bytes it needs are no longer held)."""
+        self.readers[reader] = at
+        if self.window is not None:
+            try:
+                self.window.join(reader, at)
+            except Cut:
+                del self.readers[reader]
+                raise
+
+    def detach(self, reader: int) -> None:
+        self.readers.pop(reader, None)
+        if self.window is not None:
+            self.window.leave(reader)
+
+    def note_unverified_reader(self, client: str) -> None:
+        self.unverified_count += 1
+        if len(self.unverified_readers) < UNVERIFIED_NAMED:
+            self.unverified_readers.append(client)
 
     def readable(self) -> int:
         """How far a reader may send: all of it once verified, else all but the final byte."""
@@ -150,6 +188,7 @@ class Fills:
         *,
         retries: int,
         cancel_abandoned: bool,
+        stall: float = 60.0,
         on_commit: Callable[[Fill], Awaitable[None]] | None = None,
         on_finish: Callable[[Fill], None] | None = None,
     ) -> None:
@@ -157,6 +196,7 @@ class Fills:
         self.cache = cache
         self.retries = retries
         self.cancel_abandoned = cancel_abandoned
+        self.stall = stall  # how long a full window waits for its slowest reader
         self.on_commit = on_commit
         self.on_finish = on_finish
         self._fills: dict[Digest, Fill] = {}
@@ -190,10 +230,13 @@ class Fills:
 
     def leave(self, fill: Fill) -> None:
         remaining = fill.release()
+        # A verified fill has only its commit left (fsync, rename, index): cancelling it then
+        # would throw away a good download, or leave a renamed file the index never heard of.
         if (
             remaining == 0
             and self.cancel_abandoned
             and fill.state in (State.STARTING, State.RUNNING)
+            and not fill.verified
             and fill.task is not None
         ):
             log.info("fill_abandoned", digest=str(fill.digest), written=fill.written)
@@ -214,9 +257,13 @@ class Fills:
 
     async def _run(self, fill: Fill) -> None:
         write_fd = -1
-        committed = False
         try:
-            write_fd, fill.read_fd = await asyncio.to_thread(_open_pair, fill.temp)
+            try:
+                write_fd, fill.read_fd = await asyncio.to_thread(_open_pair, fill.temp)
+            except OSError as exc:
+                if exc.errno not in _DISK_FULL:
+                    raise
+                self._uncached(fill, 0)  # not even an empty file fits
             hasher = hashlib.new(fill.digest.algorithm)
             await self._download(fill, write_fd, hasher)
             if fill.size is not None and fill.written != fill.size:
@@ -233,9 +280,19 @@ class Fills:
             fill.size = fill.written
             fill.verified = True
             fill._announce()
-            await asyncio.to_thread(_sync_and_commit, write_fd, self.storage, fill.temp, fill.digest)
-            committed = True
-            self.cache.add(fill.digest, fill.written)
+            if fill.window is not None:
+                # Served whole to every reader; nothing of it is cached.
+                fill.state = State.DONE
+                log.warning("fill_uncached", digest=str(fill.digest), bytes=fill.written, reason="disk full")
+                return
+            # From here on the download is good: the commit runs to its end even if this task is
+            # cancelled (a shutdown), so that no renamed file is left out of the index.
+            commit = asyncio.ensure_future(self._commit(fill, write_fd))
+            try:
+                await asyncio.shield(commit)
+            except asyncio.CancelledError:
+                await asyncio.wait([commit])
+                raise
             if self.on_commit is not None:
                 await self.on_commit(fill)
             fill.state = State.DONE
@@ -260,16 +317,62 @@ class Fills:
                 fill.state = State.FAILED
                 if fill.error is None:
                     fill.error = OciError(Code.UNAVAILABLE, "download failed")
+                if fill.unverified_count:
+                    log.warning(
+                        "unverified_ranges_of_failed_fill",
+                        digest=str(fill.digest),
+                        clients=fill.unverified_readers,
+                        count=fill.unverified_count,
+                        reason=fill.error.message,
+                    )
             del self._fills[fill.digest]
             if write_fd >= 0:
                 os.close(write_fd)
-            if not committed:
+            if not fill.committed:
                 # Readers hold the read fd, not the path: unlinking now loses nothing of theirs.
                 fill.temp.unlink(missing_ok=True)
             fill._maybe_close_reader()
             fill._announce()
             if self.on_finish is not None:
                 self.on_finish(fill)
+
+    async def _store(self, fill: Fill, write_fd: int, hasher: hashlib._Hash, chunk: bytes) -> None:
+        """Hash the next ``chunk`` and put it where readers find it: the temp file, or, once
+        the disk is full, the fill's window. A full disk first makes room by evicting least
+        recently used files, once per fill; then the fill goes on without caching."""
+        offset = fill.written
+        if fill.window is not None:
+            await asyncio.to_thread(hasher.update, chunk)
+            await fill.window.append(chunk)
+            return
+        try:
+            await asyncio.to_thread(_hash_and_write, write_fd, hasher, chunk, offset)
+            return
+        except DiskFull as full:
+            done = full.done
+        if not fill.evicted_for_space:
+            fill.evicted_for_space = True
+            rest = (fill.size - offset) if fill.size is not None else len(chunk)
+            await self.cache.evict_for(rest + EVICT_MARGIN)
+            try:
+                await asyncio.to_thread(_write_at, write_fd, chunk[done:], offset + done)
+                return
+            except DiskFull as again:
+                done += again.done
+        self._uncached(fill, offset + done)
+        assert fill.window is not None
+        await fill.window.append(chunk[done:])
+
+    def _uncached(self, fill: Fill, origin: int) -> None:
+        log.warning("fill_disk_full", digest=str(fill.digest), at=origin, readers=len(fill.readers))
+        fill.window = Window(origin, stall=self.stall)
+        for reader, at in fill.readers.items():
+            fill.window.join(reader, at)
+
+    async def _commit(self, fill: Fill, write_fd: int) -> None:
+        await asyncio.to_thread(_sync_and_commit, write_fd, self.storage, fill.temp, fill.digest)
+        fill.committed = True
+        await self.cache.add(fill.digest, fill.written)
 
     async def _download(self, fill: Fill, write_fd: int, hasher: hashlib._Hash) -> None:
         failures = 0
@@ -300,7 +403,7 @@ class Fills:
                             continue
                     if fill.size is not None and fill.written + len(chunk) > fill.size:
                         raise OciError(Code.UPSTREAM_ERROR, "upstream sent more than it announced")
-                    await asyncio.to_thread(_write, write_fd, hasher, chunk)
+                    await self._store(fill, write_fd, hasher, chunk)
                     fill.written += len(chunk)
                     fill._announce()
                 if fill.size is None or fill.written == fill.size:
@@ -335,12 +438,31 @@ def _open_pair(path: Path) -> tuple[int, int]:
         raise
 
 
-def _write(fd: int, hasher: hashlib._Hash, data: bytes) -> None:
-    # hashlib releases the GIL for large buffers, so hashing here runs beside the loop.
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+class DiskFull(Exception):
+    """The file system took only ``done`` bytes of a write (ENOSPC, EDQUOT)."""
+
+    def __init__(self, done: int) -> None:
+        super().__init__(f"disk full after {done} bytes")
+        self.done = done
+
+
+def _hash_and_write(fd: int, hasher: hashlib._Hash, data: bytes, offset: int) -> None:
+    # hashlib releases the GIL for large buffers, so hashing here runs beside the loop. The
+    # hash takes every byte received, whether or not the disk takes it.
     hasher.update(data)
+    _write_at(fd, data, offset)
+
+
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    done = 0
+    while done < len(data):
+        try:
+            done += os.pwrite(fd, view[done:], offset + done)
+        except OSError as exc:
+            if exc.errno in _DISK_FULL:
+                raise DiskFull(done) from exc
+            raise
 
 
 def _sync_and_commit(fd: int, storage: Storage, temp: Path, digest: Digest) -> None:

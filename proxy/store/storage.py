@@ -4,8 +4,8 @@ Layout under the cache root::
 
     blobs/<alg>/<hex>        verified content (layers, configs and manifests alike)
     tmp/<uuid>               downloads in progress; same file system, so commit is a rename
-    records/<sha256>.json    small JSON records (tag -> digest, manifest media types), named
-                             by a hash of their key so that no client text becomes a file name
+    index.db                 the catalogue (proxy.store.catalogue): what each file is, tags
+    lock                     held by the one process that writes here (proxy.store.lock)
 
 A file appears under ``blobs/`` only by ``rename`` of a fully written, fsynced temp file, so a
 crash at any moment leaves either the whole verified blob or nothing. Whatever is left in
@@ -14,14 +14,11 @@ crash at any moment leaves either the whole verified blob or nothing. Whatever i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from proxy.core.errors import OciError
 from proxy.core.reference import DIGEST_HEX, Digest
@@ -47,17 +44,13 @@ class Storage:
         self.root = root
         self.blobs = root / "blobs"
         self.tmp = root / "tmp"
-        self.records = root / "records"
 
     def prepare(self) -> None:
-        """Create the layout and drop interrupted downloads and records."""
+        """Create the layout and drop interrupted downloads."""
         for alg in DIGEST_HEX:
             (self.blobs / alg).mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self.records.mkdir(parents=True, exist_ok=True)
         for leftover in self.tmp.iterdir():
-            leftover.unlink(missing_ok=True)
-        for leftover in self.records.glob("*.tmp"):
             leftover.unlink(missing_ok=True)
 
     def blob_path(self, digest: Digest) -> Path:
@@ -76,17 +69,21 @@ class Storage:
     def put_bytes(self, digest: Digest, data: bytes) -> None:
         """Store small verified content (a manifest) atomically."""
         temp = self.new_temp()
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        self.commit(temp, digest)
-
-    def read_bytes(self, digest: Digest) -> bytes | None:
+        _write_durably(temp, data)
         try:
-            return self.blob_path(digest).read_bytes()
+            self.commit(temp, digest)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+
+    def read_bytes(self, digest: Digest, limit: int) -> bytes | None:
+        """The stored content if it is at most ``limit`` bytes; None if absent or larger."""
+        try:
+            with open(self.blob_path(digest), "rb") as f:
+                data = f.read(limit + 1)
         except FileNotFoundError:
             return None
+        return data if len(data) <= limit else None
 
     def remove(self, digest: Digest) -> None:
         self.blob_path(digest).unlink(missing_ok=True)
@@ -101,26 +98,14 @@ class Storage:
                     continue  # not ours (a stray file): leave it out of the index
                 yield StoredBlob(digest, st.st_size, st.st_mtime)
 
-    # --- records ---------------------------------------------------------------------------
 
-    def _record_path(self, key: str) -> Path:
-        return self.records / (hashlib.sha256(key.encode()).hexdigest() + ".json")
-
-    def read_record(self, key: str) -> dict[str, Any] | None:
-        try:
-            data = json.loads(self._record_path(key).read_bytes())
-        except (FileNotFoundError, ValueError):
-            return None
-        # The key is stored inside too: a hash collision, however unlikely, is not a hit.
-        if not isinstance(data, dict) or data.get("key") != key:
-            return None
-        return data
-
-    def write_record(self, key: str, value: dict[str, Any]) -> None:
-        path = self._record_path(key)
-        temp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-        with open(temp, "wb") as f:
-            f.write(json.dumps({**value, "key": key}).encode())
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write and fsync a new file; on any failure (a full disk) nothing is left behind."""
+    try:
+        with open(path, "xb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.rename(temp, path)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise

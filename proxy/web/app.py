@@ -17,14 +17,18 @@ from aiohttp.typedefs import Middleware
 from yarl import URL
 
 from proxy.core.config import Settings
-from proxy.core.errors import Code, OciError, error_response
+from proxy.core.digits import parse_count
+from proxy.core.errors import Code, OciError, code_for_status, error_response
 from proxy.flows.access import Access
 from proxy.flows.fills import Fill, Fills, State
 from proxy.flows.manifests import ManifestStore
-from proxy.store.cache import BlobCache
+from proxy.store.cache import BlobCache, Budget
+from proxy.store.catalogue import Catalogue
+from proxy.store.lock import CacheLock
+from proxy.store.pins import pinned_digests
 from proxy.store.storage import Storage
 from proxy.upstream import credentials
-from proxy.upstream.client import UpstreamClient
+from proxy.upstream.client import Sessions, UpstreamClient
 from proxy.upstream.resolver import GuardedResolver
 from proxy.web import guard, handlers, keys, login, setup
 from proxy.web.metrics import CONTENT_TYPE, Metrics
@@ -39,12 +43,6 @@ READ_BUFSIZE: Final = 2 * 1024 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _status_code(status: int) -> Code:
-    return {404: Code.NAME_UNKNOWN, 405: Code.UNSUPPORTED, 429: Code.TOOMANYREQUESTS}.get(
-        status, Code.UNKNOWN
-    )
-
-
 @web.middleware
 async def errors_and_access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error becomes the OCI envelope; every request becomes one log line."""
@@ -56,7 +54,7 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        resp = error_response(OciError(_status_code(exc.status), exc.reason))
+        resp = error_response(OciError(code_for_status(exc.status), exc.reason))
     except Exception:
         log.exception("handler_crashed", method=request.method, path=request.path)
         resp = error_response(OciError(Code.UNKNOWN, "internal error"))
@@ -90,9 +88,9 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     m.fills_active.set(len(request.app[keys.FILLS]))
     for up in request.app[keys.UPSTREAMS].values():
         if up.ratelimit_remaining is not None:
-            value = up.ratelimit_remaining.split(";")[0]
-            if value.isdigit():
-                m.ratelimit_remaining.labels(up.name).set(int(value))
+            value = parse_count(up.ratelimit_remaining.split(";")[0].strip())
+            if value is not None:
+                m.ratelimit_remaining.labels(up.name).set(value)
     return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -109,11 +107,25 @@ async def _stop_fills(app: web.Application) -> None:
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     metrics = app[keys.METRICS]
+    lock = CacheLock(settings.cache_dir)
+    await asyncio.to_thread(lock.acquire)
     storage = Storage(settings.cache_dir)
     await asyncio.to_thread(storage.prepare)
-    cache = BlobCache(storage, settings.max_cache_bytes)
-    await cache.load()
-    access = Access(storage)
+    catalogue = Catalogue(storage)
+    await catalogue.open()
+    await catalogue.set_pins(settings.pins, "config")
+    names = [u.name for u in settings.upstreams]
+    budget = Budget(
+        settings.max_cache_bytes, settings.high_watermark, settings.low_watermark, settings.max_unused
+    )
+    cache = BlobCache(
+        storage,
+        catalogue,
+        budget,
+        lambda: pinned_digests(catalogue.pins, catalogue.tags, catalogue.manifests, names),
+    )
+    await cache.start()
+    access = Access(catalogue)
 
     async def on_commit(fill: Fill) -> None:
         await access.remember(fill.upstream.name, fill.repository, fill.digest)
@@ -121,9 +133,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     def on_finish(fill: Fill) -> None:
         metrics.upstream_gets.labels(fill.upstream.name).inc(fill.upstream_gets)
         metrics.upstream_bytes.labels(fill.upstream.name).inc(fill.written)
-        outcome = (
-            "committed" if fill.state is State.DONE else (fill.error.code.value if fill.error else "failed")
-        )
+        if fill.state is State.DONE:
+            outcome = "uncached" if fill.window is not None else "committed"
+        else:
+            outcome = fill.error.code.value if fill.error else "failed"
         metrics.fills.labels(outcome).inc()
 
     fills = Fills(
@@ -131,34 +144,48 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         cache,
         retries=settings.blob_retries,
         cancel_abandoned=settings.cancel_abandoned_fills,
+        stall=settings.blob_read_timeout,
         on_commit=on_commit,
         on_finish=on_finish,
     )
     auths = await asyncio.to_thread(_read_docker_config, settings.docker_config)
-    session = aiohttp.ClientSession(
-        auto_decompress=False,  # the bytes we hash must be the bytes upstream stored
-        read_bufsize=READ_BUFSIZE,
-        headers={"User-Agent": USER_AGENT},
-        connector=aiohttp.TCPConnector(
-            limit=256, limit_per_host=64, ttl_dns_cache=60, resolver=GuardedResolver(_trusted_hosts(settings))
-        ),
-        trust_env=False,
+    resolver = GuardedResolver(_trusted_hosts(settings))
+    sessions = Sessions(
+        api=_session(aiohttp.TCPConnector(limit=256, limit_per_host=32, ttl_dns_cache=60, resolver=resolver)),
+        # No pool limit: each upstream's blob_slots queue downloads, outside any timeout.
+        blobs=_session(aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=60, resolver=resolver)),
     )
     app[keys.STORAGE] = storage
     app[keys.CACHE] = cache
     app[keys.ACCESS] = access
     app[keys.FILLS] = fills
-    app[keys.MANIFESTS] = ManifestStore(storage, cache, access, settings.tag_ttl)
+    app[keys.CATALOGUE] = catalogue
+    app[keys.MANIFESTS] = ManifestStore(storage, catalogue, cache, access, settings)
     app[keys.UPSTREAMS] = {
-        u.name: UpstreamClient(u, session, settings, credentials.lookup(auths, u.name, u.url))
+        u.name: UpstreamClient(u, sessions, settings, credentials.lookup(auths, u.name, u.url))
         for u in settings.upstreams
     }
     try:
         yield
     finally:
-        await fills.close()
-        await cache.close()
-        await session.close()
+        try:
+            await fills.close()
+            await cache.close()
+            await catalogue.close()
+            await sessions.api.close()
+            await sessions.blobs.close()
+        finally:
+            lock.release()
+
+
+def _session(connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        auto_decompress=False,  # the bytes we hash must be the bytes upstream stored
+        read_bufsize=READ_BUFSIZE,
+        headers={"User-Agent": USER_AGENT},
+        connector=connector,
+        trust_env=False,
+    )
 
 
 def _read_docker_config(path: Path | None) -> dict[str, credentials.Credentials]:

@@ -11,6 +11,7 @@ from proxy.flows.access import Access
 from proxy.flows.fills import Fills
 from proxy.flows.manifests import ManifestStore
 from proxy.store.cache import BlobCache
+from proxy.store.catalogue import Catalogue
 from proxy.store.storage import Storage
 from proxy.upstream.client import UpstreamClient
 from proxy.web.metrics import Metrics
@@ -22,6 +23,7 @@ SETTINGS: Final = web.AppKey("settings", Settings)
 METRICS: Final = web.AppKey("metrics", Metrics)
 STORAGE: Final = web.AppKey("storage", Storage)
 CACHE: Final = web.AppKey("cache", BlobCache)
+CATALOGUE: Final = web.AppKey("catalogue", Catalogue)
 FILLS: Final = web.AppKey("fills", Fills)
 MANIFESTS: Final = web.AppKey("manifests", ManifestStore)
 ACCESS: Final = web.AppKey("access", Access)
@@ -29,9 +31,10 @@ UPSTREAMS: Final = web.AppKey("upstreams", dict[str, UpstreamClient])
 # Only when auth: is configured.
 GUARD: Final[web.AppKey[Guard]] = web.AppKey("guard")
 
-# Per-request notes for the access log line (request-scoped dict keys).
-KIND: Final = "ocicache.kind"
-CACHE_RESULT: Final = "ocicache.cache"
-SENT: Final = "ocicache.sent"
-ABORTED: Final = "ocicache.aborted"
-USER: Final = "ocicache.user"  # the verified user name; never a credential
+# Per-request notes for the access log line.
+KIND: Final = web.RequestKey("kind", str)
+CACHE_RESULT: Final = web.RequestKey("cache", str)
+SENT: Final = web.RequestKey("sent", int)
+ABORTED: Final = web.RequestKey("aborted", bool)
+# The verified user name (None: anonymous); never a credential.
+USER: Final[web.RequestKey[str | None]] = web.RequestKey("user")

@@ -162,7 +162,7 @@ def _containerd(proxy: str, request: web.Request) -> str:
     registry = request.query.get("registry")
     if not registry:
         raise OciError(
-            Code.NAME_UNKNOWN,
+            Code.REQUEST_INVALID,
             "registry= is required: a configured upstream, or _default",
             {"registries": [*_upstream_names(request), DEFAULT_DIR]},
         )

@@ -30,6 +30,10 @@ THREADED_MIN: Final = 2 * 1024 * 1024
 COPY_CHUNK: Final = 256 * 1024
 
 
+class FileShrunk(ConnectionResetError):
+    """The file ended before the bytes promised: it changed on disk behind our back."""
+
+
 async def _sendfile_in_thread(
     loop: asyncio.AbstractEventLoop, out: int, fd: int, offset: int, count: int
 ) -> int:
@@ -76,7 +80,7 @@ async def send_file(
     """Send ``count`` bytes of ``fd`` from ``offset`` on the request's connection.
 
     The response must be prepared (headers serialised). Raises ConnectionResetError when the
-    client goes away, or when the file is shorter than promised.
+    client goes away, and :class:`FileShrunk` (one) when the file is shorter than promised.
     """
     transport = request.transport
     if transport is None or transport.is_closing():
@@ -108,7 +112,7 @@ async def send_file(
             except (BrokenPipeError, ConnectionError) as exc:
                 raise ConnectionResetError("client went away") from exc
             if sent == 0:
-                raise ConnectionResetError("file shorter than announced")
+                raise FileShrunk("file shorter than announced")
             offset += sent
             count -= sent
             if count and sent >= SLICE and size < THREADED_MIN:

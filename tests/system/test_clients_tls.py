@@ -54,9 +54,13 @@ def pki(tmp_path: Path) -> Pki:
     return make_pki(tmp_path / "pki")
 
 
-async def tls_proxy(start_proxy: StartProxy, registry: Registry, pki: Pki, *, mtls: bool) -> Proxy:
+async def tls_proxy(
+    start_proxy: StartProxy, registry: Registry, pki: Pki, *, mtls: bool, cache_dir: Path | None = None
+) -> Proxy:
     cfg = TlsConfig(pki.server.cert, pki.server.key, client_ca=pki.ca if mtls else None)
-    return await start_proxy({"docker.io": registry.url}, tls=cfg, ssl_context=tls.server_context(cfg))
+    return await start_proxy(
+        {"docker.io": registry.url}, tls=cfg, ssl_context=tls.server_context(cfg), cache_dir=cache_dir
+    )
 
 
 def cert_dir(path: Path, pki: Pki, client: bool | str = False) -> Path:
@@ -93,7 +97,7 @@ async def test_skopeo_over_https_and_mtls(
     code, out = await skopeo_copy(ref, tmp_path / "b")
     assert code != 0 and "certificate" in out, out
 
-    proxy = await tls_proxy(start_proxy, registry, pki, mtls=True)
+    proxy = await tls_proxy(start_proxy, registry, pki, mtls=True, cache_dir=tmp_path / "cache-mtls")
     ref = f"{proxy.host}/library/app:v1"
     good = cert_dir(tmp_path / "c2", pki, client=True)
     code, out = await skopeo_copy(ref, tmp_path / "c", "--src-cert-dir", str(good))

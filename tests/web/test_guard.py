@@ -98,12 +98,19 @@ async def start_auth(
         tokens = tmp_path / "tokens"
         tokens.write_text("".join(f"{u}:{t}\n" for u, t in STATIC.items()))
 
+        started: list[Setup] = []
+
         async def start(**spec: Any) -> Setup:
             spec = {"htpasswd": str(htpasswd), "tokens_file": str(tokens), **spec}
             spec = {k: v for k, v in spec.items() if v is not None}
             auth = parse_auth("auth", spec)
-            proxy = await start_proxy({"docker.io": hub.url, "internal": internal.url}, auth=auth)
-            return Setup(proxy, hub, internal, htpasswd, session)
+            proxy = await start_proxy(
+                {"docker.io": hub.url, "internal": internal.url},
+                auth=auth,
+                cache_dir=tmp_path / f"cache{len(started)}",  # one serving process per cache
+            )
+            started.append(Setup(proxy, hub, internal, htpasswd, session))
+            return started[-1]
 
         yield start
 
