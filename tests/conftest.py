@@ -4,6 +4,7 @@ served in-process on a loopback port (so real clients, run as subprocesses, can 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,7 +41,7 @@ class Proxy:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.port}"
+        return f"{self.server.scheme}://127.0.0.1:{self.server.port}"
 
     @property
     def host(self) -> str:
@@ -79,13 +80,14 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
         *,
         settings: Settings | None = None,
         cache_dir: Path | None = None,
+        ssl_context: ssl.SSLContext | None = None,
         **overrides: Any,
     ) -> Proxy:
         if settings is None:
             assert upstreams is not None
             settings = make_settings(cache_dir or tmp_path / "cache", upstreams, **overrides)
         server = ProxyTestServer(create_app(settings), host="127.0.0.1", port=0)
-        await server.start_server()
+        await server.start_server(ssl=ssl_context)
         servers.append(server)
         return Proxy(server, settings)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,10 +16,11 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.cli.logs import configure
-from proxy.core.config import ConfigError, Settings, load
+from proxy.core.config import ConfigError, Settings, TlsConfig, load
 from proxy.store.lock import CacheBusy, CacheLock
 from proxy.store.storage import Storage
 from proxy.store.verify import verify
+from proxy.web import tls
 from proxy.web.app import create_app
 from proxy.web.runner import AppRunner
 
@@ -108,27 +110,56 @@ def run_verify(settings: Settings, *, keep: bool) -> int:
     return 1 if report.bad else 0
 
 
-async def serve(settings: Settings) -> None:
+async def reload_tls(ctx: ssl.SSLContext, cfg: TlsConfig) -> None:
+    """SIGHUP: the renewed certificate for new connections; open ones keep theirs."""
+    try:
+        await asyncio.to_thread(tls.check, cfg)
+        tls.reload(ctx, cfg)
+    except ConfigError as exc:
+        log.error("tls_reload_failed", error=str(exc), kept="previous certificate")
+        print(f"ocicache: TLS reload failed, still serving the previous certificate: {exc}", flush=True)
+        return
+    log.info("tls_reloaded", cert=str(cfg.cert))
+    print(f"ocicache: reloaded TLS certificate {cfg.cert}", flush=True)
+
+
+async def serve(settings: Settings, ssl_context: ssl.SSLContext | None = None) -> None:
     app = create_app(settings)
     runner = AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, settings.listen_host, settings.listen_port, backlog=1024)
+    site = web.TCPSite(
+        runner, settings.listen_host, settings.listen_port, backlog=1024, ssl_context=ssl_context
+    )
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        if ssl_context is None or settings.tls is None:
+            log.info("sighup_ignored", reason="no tls: configured; credential files reload by themselves")
+            return
+        task = loop.create_task(reload_tls(ssl_context, settings.tls))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    scheme = "https" if ssl_context is not None else "http"
     for host, port, *_ in runner.addresses:
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
         log.info(
             "listening",
-            url=f"http://{shown}:{port}",
+            url=f"{scheme}://{shown}:{port}",
             cache_dir=str(settings.cache_dir),
             offline=settings.offline,
             upstreams={u.name: u.url for u in settings.upstreams},
         )
         mode = ", offline: no upstream is contacted" if settings.offline else ""
-        print(f"ocicache listening on http://{shown}:{port} (cache: {settings.cache_dir}{mode})", flush=True)
+        print(
+            f"ocicache listening on {scheme}://{shown}:{port} (cache: {settings.cache_dir}{mode})", flush=True
+        )
     try:
         await stop.wait()
     finally:
@@ -147,12 +178,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "verify":
             return run_verify(settings, keep=ns.keep)
+        ssl_context = tls.server_context(settings.tls) if settings.tls is not None else None
         if ns.event_loop == "uvloop":
             import uvloop
 
-            uvloop.run(serve(settings))
+            uvloop.run(serve(settings, ssl_context))
         else:
-            asyncio.run(serve(settings))
+            asyncio.run(serve(settings, ssl_context))
+    except ConfigError as exc:  # a file that went bad between reading the settings and serving
+        print(f"ocicache: config error: {exc}", file=sys.stderr)
+        return 2
     except CacheBusy as exc:
         print(f"ocicache: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from typing import Any, Final
 import yaml
 from yarl import URL
 
+from proxy.core import accounts
 from proxy.core.imageref import BadReference, parse_image_reference
 
 
@@ -68,6 +69,54 @@ DEFAULT_UPSTREAMS: Final[tuple[UpstreamConfig, ...]] = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class AccessRule:
+    """One entry of ``auth.rules``; see :mod:`proxy.core.rules` for what it means."""
+
+    users: tuple[str, ...] = ()
+    anonymous: bool = False
+    upstreams: tuple[str, ...] | None = None  # None: every upstream
+    repositories: tuple[str, ...] = ("**",)
+    deny: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """Who may pull (``auth:``). With no source of credentials and no rules, anyone may."""
+
+    htpasswd: Path | None = None
+    tokens_file: Path | None = None
+    tokens_env: str | None = None
+    # The tokens_env value, read once with the rest of the settings.
+    env_tokens: str = field(default="", repr=False)
+    # Clients without credentials; off by default once there is a way to log in.
+    anonymous: bool = True
+    rules: tuple[AccessRule, ...] = ()
+    # Lifetime of the tokens the proxy's token endpoint hands out (Docker Hub uses 300 s).
+    token_ttl: float = 300.0
+    # Password and token guesses one address may make per failure_window seconds.
+    max_failures: int = 10
+    failure_window: float = 60.0
+
+    @property
+    def logins(self) -> bool:
+        """Is there a way to log in at all?"""
+        return self.htpasswd is not None or self.tokens_file is not None or self.tokens_env is not None
+
+    @property
+    def enabled(self) -> bool:
+        return self.logins or bool(self.rules) or not self.anonymous
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """HTTPS on the listener (``tls:``); ``client_ca`` makes client certificates mandatory."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "ocicache"
@@ -112,6 +161,8 @@ class Settings:
     log_format: str = "json"
     # A Docker config.json whose "auths" supply credentials to upstreams that have none.
     docker_config: Path | None = None
+    auth: AuthConfig = AuthConfig()
+    tls: TlsConfig | None = None
 
     @property
     def default_upstream(self) -> UpstreamConfig:
@@ -389,6 +440,157 @@ def parse_upstreams(key: str, value: Any) -> tuple[UpstreamConfig, ...]:
     return result
 
 
+def _mapping(key: str, value: Any, known: set[str]) -> Mapping[str, Any]:
+    if isinstance(value, str):
+        # From the environment: a YAML flow mapping, OCICACHE_AUTH='{htpasswd: /etc/htpasswd}'.
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(key, "expected a mapping") from None
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, "expected a mapping")
+    unknown = set(map(str, value)) - known
+    if unknown:
+        raise ConfigError(
+            key, f"unknown keys: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})"
+        )
+    return value
+
+
+def _strings(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list) or not value:
+        raise ConfigError(key, "expected a non-empty list")
+    if not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(key, "expected a list of names")
+    return tuple(value)
+
+
+def _read_text(key: str, path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{path} is not UTF-8 text") from None
+
+
+_REPOSITORY_GLOB: Final = re.compile(r"[a-z0-9._/*?-]+")
+_RULE_KEYS: Final = {"users", "anonymous", "upstreams", "repositories", "deny"}
+
+
+def parse_rule(key: str, value: Any, *, anonymous: bool, logins: bool) -> AccessRule:
+    spec = _mapping(key, value, _RULE_KEYS)
+    users = _strings(f"{key}.users", spec["users"]) if "users" in spec else ()
+    anon = parse_bool(f"{key}.anonymous", spec.get("anonymous", False))
+    if "anonymous" in spec and not anon:
+        raise ConfigError(f"{key}.anonymous", "only anonymous: true means something; give users: instead")
+    if bool(users) == anon:
+        raise ConfigError(key, "give users: [...] or anonymous: true (one of them)")
+    if anon and not anonymous:
+        raise ConfigError(f"{key}.anonymous", "anonymous clients are refused (auth.anonymous: false)")
+    for user in users:
+        if user != "*" and not accounts.USERNAME.fullmatch(user):
+            raise ConfigError(f"{key}.users", f"not a user name: {user!r}")
+    if users and not logins:
+        raise ConfigError(f"{key}.users", "no htpasswd, tokens_file or tokens_env to log in with")
+    upstreams = _strings(f"{key}.upstreams", spec["upstreams"]) if "upstreams" in spec else None
+    repositories = _strings(f"{key}.repositories", spec.get("repositories", ["**"]))
+    for glob in repositories:
+        if not _REPOSITORY_GLOB.fullmatch(glob):
+            raise ConfigError(f"{key}.repositories", f"not a repository glob: {glob!r}")
+    return AccessRule(
+        users=users,
+        anonymous=anon,
+        upstreams=upstreams,
+        repositories=repositories,
+        deny=parse_bool(f"{key}.deny", spec.get("deny", False)),
+    )
+
+
+def parse_auth(key: str, value: Any) -> AuthConfig:
+    spec = _mapping(key, value, {f.name for f in fields(AuthConfig)} - {"env_tokens"})
+    htpasswd = parse_path(f"{key}.htpasswd", spec["htpasswd"]) if spec.get("htpasswd") is not None else None
+    tokens_file = (
+        parse_path(f"{key}.tokens_file", spec["tokens_file"]) if spec.get("tokens_file") is not None else None
+    )
+    tokens_env = str(spec["tokens_env"]) if spec.get("tokens_env") is not None else None
+    # Read now, so that a bad file stops the start with one line rather than a failed login later.
+    if htpasswd is not None:
+        _check_accounts(f"{key}.htpasswd", htpasswd, accounts.parse_htpasswd)
+    if tokens_file is not None:
+        _check_accounts(f"{key}.tokens_file", tokens_file, accounts.parse_tokens)
+    env_tokens = ""
+    if tokens_env is not None:
+        if tokens_env not in os.environ:
+            raise ConfigError(f"{key}.tokens_env", f"environment variable {tokens_env} is not set")
+        env_tokens = os.environ[tokens_env]
+        try:
+            accounts.parse_tokens(env_tokens)
+        except accounts.AccountsError as exc:
+            raise ConfigError(f"{key}.tokens_env", f"{tokens_env}: {exc}") from None
+    logins = htpasswd is not None or tokens_file is not None or tokens_env is not None
+    anonymous = parse_bool(f"{key}.anonymous", spec.get("anonymous", not logins))
+    if not anonymous and not logins:
+        raise ConfigError(
+            f"{key}.anonymous", "false, but no htpasswd, tokens_file or tokens_env: nobody could pull"
+        )
+    raw_rules = spec.get("rules") or []
+    if not isinstance(raw_rules, list):
+        raise ConfigError(f"{key}.rules", "expected a list")
+    rules = tuple(
+        parse_rule(f"{key}.rules[{i}]", r, anonymous=anonymous, logins=logins)
+        for i, r in enumerate(raw_rules)
+    )
+    defaults = AuthConfig()
+    return AuthConfig(
+        htpasswd=htpasswd,
+        tokens_file=tokens_file,
+        tokens_env=tokens_env,
+        env_tokens=env_tokens,
+        anonymous=anonymous,
+        rules=rules,
+        token_ttl=parse_seconds(f"{key}.token_ttl", spec.get("token_ttl", defaults.token_ttl)),
+        max_failures=parse_int(
+            f"{key}.max_failures", spec.get("max_failures", defaults.max_failures), minimum=1
+        ),
+        failure_window=parse_seconds(
+            f"{key}.failure_window", spec.get("failure_window", defaults.failure_window)
+        ),
+    )
+
+
+def _check_accounts(key: str, path: Path, parse: Callable[[str], object]) -> None:
+    try:
+        parse(_read_text(key, path))
+    except accounts.AccountsError as exc:
+        raise ConfigError(key, f"{path} {exc}") from None
+
+
+def check_rule_upstreams(auth: AuthConfig, upstreams: tuple[UpstreamConfig, ...], key: str = "auth") -> None:
+    names = [u.name for u in upstreams]
+    for i, rule in enumerate(auth.rules):
+        for name in rule.upstreams or ():
+            if name not in names:
+                raise ConfigError(
+                    f"{key}.rules[{i}].upstreams",
+                    f"unknown upstream {name!r} (configured: {', '.join(names)})",
+                )
+
+
+def parse_tls(key: str, value: Any) -> TlsConfig:
+    spec = _mapping(key, value, {"cert", "key", "client_ca"})
+    for needed in ("cert", "key"):
+        if not spec.get(needed):
+            raise ConfigError(f"{key}.{needed}", "required (a PEM file)")
+    paths = {
+        name: Path(str(spec[name])).expanduser() for name in ("cert", "key", "client_ca") if spec.get(name)
+    }
+    for name, path in paths.items():
+        if not path.is_file():
+            raise ConfigError(f"{key}.{name}", f"no such file: {path}")
+    return TlsConfig(paths["cert"], paths["key"], paths.get("client_ca"))
+
+
 # key -> parser into Settings field values. "listen" fills two fields.
 PARSERS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "listen": parse_listen,
@@ -413,6 +615,8 @@ PARSERS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "log_level": parse_choice(("debug", "info", "warning", "error")),
     "log_format": parse_choice(("json", "console")),
     "docker_config": parse_path,
+    "auth": parse_auth,
+    "tls": parse_tls,
 }
 _FIELD_OF: Final = {"max_cache_size": "max_cache_bytes"}
 
@@ -462,6 +666,7 @@ def build(*layers: Mapping[str, Any]) -> Settings:
             parse_image_reference(pin, names, names[0])
         except BadReference as exc:
             raise ConfigError(f"pins[{i}]", str(exc)) from None
+    check_rule_upstreams(settings.auth, settings.upstreams)
     return settings
 
 

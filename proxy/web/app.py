@@ -13,6 +13,7 @@ from typing import Final
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from yarl import URL
 
 from proxy.core.config import Settings
@@ -29,7 +30,7 @@ from proxy.store.storage import Storage
 from proxy.upstream import credentials
 from proxy.upstream.client import Sessions, UpstreamClient
 from proxy.upstream.resolver import GuardedResolver
-from proxy.web import handlers, keys, setup
+from proxy.web import guard, handlers, keys, login, setup
 from proxy.web.metrics import CONTENT_TYPE, Metrics
 
 log = structlog.get_logger("ocicache.access")
@@ -69,6 +70,7 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
         method=request.method,
         path=request.path,
         ns=request.query.get("ns"),
+        user=request.get(keys.USER),
         status=status,
         bytes=sent,
         cache=cache,
@@ -204,15 +206,23 @@ def _trusted_hosts(settings: Settings) -> frozenset[str]:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[errors_and_access_log], client_max_size=64 * 1024)
+    middlewares: list[Middleware] = [errors_and_access_log]
+    if settings.auth.enabled:
+        # Inside the error middleware, so refusals get the envelope and a log line.
+        middlewares.append(guard.middleware(public=(metrics_endpoint, healthz, setup.setup, login.token)))
+    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024)
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = Metrics()
     app.cleanup_ctx.append(_resources)
+    if settings.auth.enabled:
+        app.cleanup_ctx.append(guard.resources)
     app.on_shutdown.append(_stop_fills)
     app.router.add_route("*", "/v2/", handlers.base)
     app.router.add_route("*", "/v2/{tail:.*}", handlers.registry_api)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/setup/{client}", setup.setup)
+    if settings.auth.logins:
+        app.router.add_route("*", guard.TOKEN_PATH, login.token)
     app.router.add_route("*", "/{tail:.*}", handlers.not_found)
     return app

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
@@ -16,6 +16,9 @@ from proxy.store.storage import Storage
 from proxy.upstream.client import UpstreamClient
 from proxy.web.metrics import Metrics
 
+if TYPE_CHECKING:
+    from proxy.web.guard import Guard  # which imports this module
+
 SETTINGS: Final = web.AppKey("settings", Settings)
 METRICS: Final = web.AppKey("metrics", Metrics)
 STORAGE: Final = web.AppKey("storage", Storage)
@@ -25,9 +28,13 @@ FILLS: Final = web.AppKey("fills", Fills)
 MANIFESTS: Final = web.AppKey("manifests", ManifestStore)
 ACCESS: Final = web.AppKey("access", Access)
 UPSTREAMS: Final = web.AppKey("upstreams", dict[str, UpstreamClient])
+# Only when auth: is configured.
+GUARD: Final[web.AppKey[Guard]] = web.AppKey("guard")
 
 # Per-request notes for the access log line.
 KIND: Final = web.RequestKey("kind", str)
 CACHE_RESULT: Final = web.RequestKey("cache", str)
 SENT: Final = web.RequestKey("sent", int)
 ABORTED: Final = web.RequestKey("aborted", bool)
+# The verified user name (None: anonymous); never a credential.
+USER: Final[web.RequestKey[str | None]] = web.RequestKey("user")

@@ -21,7 +21,7 @@ STOP_TIMEOUT = 30.0
 @dataclass
 class ProxyProcess:
     proc: asyncio.subprocess.Process
-    url: str  # http://127.0.0.1:PORT
+    url: str  # http://127.0.0.1:PORT, or https://
     banner: str  # the line it printed once listening
     # Its log (JSON lines on stderr), as parsed events, when started with logs=True.
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -29,7 +29,7 @@ class ProxyProcess:
 
     @property
     def host(self) -> str:
-        return self.url.removeprefix("http://")
+        return self.url.partition("://")[2]
 
     async def logged(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 60) -> None:
         """Wait until ``predicate(events so far)`` holds (woken by each new log line)."""
@@ -85,7 +85,7 @@ async def serving(
         assert proc.stdout is not None
         # It prints where it listens once the socket is bound: no polling needed.
         line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
-        match = re.search(rb"listening on (http://\S+)", line)
+        match = re.search(rb"listening on (https?://\S+)", line)
         assert match, line
         running = ProxyProcess(proc, match.group(1).decode(), line.decode())
         if logs:
