@@ -16,7 +16,9 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.cli.logs import configure
-from proxy.core.config import ConfigError, Settings, TlsConfig, load
+from proxy.core.authconfig import TlsConfig
+from proxy.core.config import Settings, load
+from proxy.core.configvalues import ConfigError
 from proxy.store.lock import CacheBusy, CacheLock
 from proxy.store.storage import Storage
 from proxy.store.verify import verify

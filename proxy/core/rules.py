@@ -18,7 +18,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from proxy.core.config import AccessRule
+from proxy.core.authconfig import AccessRule
 
 ANY_USER = "*"
 

@@ -19,7 +19,8 @@ import structlog
 
 from proxy.core import accounts
 from proxy.core.accounts import Accounts
-from proxy.core.config import AuthConfig, ConfigError
+from proxy.core.authconfig import AuthConfig
+from proxy.core.configvalues import ConfigError
 
 log = structlog.get_logger("ocicache.auth")
 

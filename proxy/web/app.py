@@ -30,7 +30,7 @@ from proxy.store.storage import Storage
 from proxy.upstream import credentials
 from proxy.upstream.client import Sessions, UpstreamClient
 from proxy.upstream.resolver import GuardedResolver
-from proxy.web import guard, handlers, keys, login, setup
+from proxy.web import gate, guard, handlers, keys, login, setup
 from proxy.web.metrics import CONTENT_TYPE, Metrics
 
 log = structlog.get_logger("ocicache.access")
@@ -209,13 +209,13 @@ def create_app(settings: Settings) -> web.Application:
     middlewares: list[Middleware] = [errors_and_access_log]
     if settings.auth.enabled:
         # Inside the error middleware, so refusals get the envelope and a log line.
-        middlewares.append(guard.middleware(public=(metrics_endpoint, healthz, setup.setup, login.token)))
+        middlewares.append(gate.middleware(public=(metrics_endpoint, healthz, setup.setup, login.token)))
     app = web.Application(middlewares=middlewares, client_max_size=64 * 1024)
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = Metrics()
     app.cleanup_ctx.append(_resources)
     if settings.auth.enabled:
-        app.cleanup_ctx.append(guard.resources)
+        app.cleanup_ctx.append(gate.resources)
     app.on_shutdown.append(_stop_fills)
     app.router.add_route("*", "/v2/", handlers.base)
     app.router.add_route("*", "/v2/{tail:.*}", handlers.registry_api)

@@ -22,34 +22,28 @@ reach a log: only the user name does, once verified.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import math
-import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Final
 
 import structlog
 from aiohttp import hdrs, web
-from aiohttp.typedefs import Middleware
 from cachetools import LRUCache
 
 from proxy.core import authorization, tokens
 from proxy.core.accounts import Accounts
+from proxy.core.authconfig import AuthConfig
 from proxy.core.authorization import BadCredentials, Basic, Bearer, Credential
-from proxy.core.config import AuthConfig
 from proxy.core.errors import Code, OciError
 from proxy.core.limiter import FailureLimiter, address_key
-from proxy.core.reference import parse_path
-from proxy.core.routing import route
 from proxy.core.rules import Rules
 from proxy.core.tokens import Claims, TokenRejected, TokenSigner
-from proxy.web import handlers, keys
 from proxy.web.accountfiles import AccountFiles
-from proxy.web.setup import proxy_address
+from proxy.web.address import reached_at
 
 log = structlog.get_logger("ocicache.auth")
 
@@ -90,9 +84,13 @@ class Guard:
         signer: TokenSigner,
         executor: Executor,
         *,
+        listen_port: int,
+        on_refusal: Callable[[str], None] = lambda reason: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.auth = auth
+        self.listen_port = listen_port  # for the realm, when a request's Host will not do
+        self._on_refusal = on_refusal  # "invalid" or "ratelimited": counted by the app
         self.rules = Rules(auth.rules)
         self.signer = signer
         self.limiter = FailureLimiter(auth.max_failures, auth.failure_window)
@@ -157,7 +155,7 @@ class Guard:
     # --- who is asking -----------------------------------------------------------------------
 
     def unauthorized(self, request: web.Request, message: str, scope: str | None = None) -> OciError:
-        realm = f"{request.scheme}://{_address(request)}{TOKEN_PATH}"
+        realm = f"{request.scheme}://{reached_at(request, self.listen_port)}{TOKEN_PATH}"
         return OciError(
             Code.UNAUTHORIZED,
             message,
@@ -213,7 +211,7 @@ class Guard:
         now = self._clock()
         wait = self.limiter.retry_after(addr, now)
         if wait is not None:
-            request.app[keys.METRICS].auth_failures.labels("ratelimited").inc()
+            self._on_refusal("ratelimited")
             raise OciError(
                 Code.TOOMANYREQUESTS,
                 "too many failed logins from this address",
@@ -296,7 +294,7 @@ class Guard:
     def _refuse(self, request: web.Request, addr: str, reason: str, *, count: bool = True) -> OciError:
         if count:
             self.limiter.attempt(addr, self._clock())
-        request.app[keys.METRICS].auth_failures.labels("invalid").inc()
+        self._on_refusal("invalid")
         log.info("login_refused", reason=reason, remote=request.remote, path=request.path)
         return self.unauthorized(request, reason)
 
@@ -309,75 +307,3 @@ def _cache_key(credential: Basic) -> bytes:
     user = credential.username.encode("utf-8", "surrogateescape")
     secret = credential.password.encode("utf-8", "surrogateescape")
     return hashlib.sha256(b"%d:%s:%s" % (len(user), user, secret)).digest()
-
-
-def _address(request: web.Request) -> str:
-    sockname = request.transport.get_extra_info("sockname") if request.transport else None
-    port = sockname[1] if isinstance(sockname, tuple) else request.app[keys.SETTINGS].listen_port
-    return proxy_address(request.headers.get(hdrs.HOST), f"127.0.0.1:{port}")
-
-
-def middleware(public: Collection[Handler]) -> Middleware:
-    """The check, for every route but the ``public`` handlers."""
-    open_handlers = frozenset(public)
-
-    @web.middleware
-    async def client_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        target = request.match_info.handler
-        if target in open_handlers:
-            return await handler(request)
-        guard = request.app[keys.GUARD]
-        principal = await guard.principal(request)
-        if principal is None:
-            if guard.logins and (not guard.auth.anonymous or target is handlers.base):
-                # The base endpoint always challenges a client that sent nothing: Docker
-                # learns there how to log in (docker login, and the token for each pull).
-                raise guard.unauthorized(request, "authentication required")
-            principal = ANONYMOUS
-        request[keys.USER] = principal.user
-        if (
-            target is handlers.registry_api
-            and guard.rules
-            and request.method in (hdrs.METH_GET, hdrs.METH_HEAD)
-        ):
-            parsed = parse_path(request.rel_url.raw_path)
-            settings = request.app[keys.SETTINGS]
-            where = route(
-                parsed.name,
-                request.query.get("ns"),
-                request.app[keys.UPSTREAMS].keys(),
-                settings.default_upstream.name,
-            )
-            if not guard.rules.allows(principal.user, where.upstream, where.repository):
-                if principal.user is None and guard.logins:
-                    raise guard.unauthorized(
-                        request, "authentication required", authorization.pull_scope(parsed.name)
-                    )
-                raise OciError(
-                    Code.DENIED, "not allowed to pull this repository", {"repository": parsed.name}
-                )
-        return await handler(request)
-
-    return client_auth
-
-
-async def resources(app: web.Application) -> AsyncIterator[None]:
-    """The guard, its worker threads and its file watcher, for the app's life."""
-    auth = app[keys.SETTINGS].auth
-    executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ocicache-auth")
-    try:
-        files = AccountFiles(auth)
-        accounts = await asyncio.get_running_loop().run_in_executor(executor, files.load)
-        # A fresh key per process: tokens never outlive it, and it is never written down.
-        signer = TokenSigner(secrets.token_bytes(32), auth.token_ttl)
-        app[keys.GUARD] = guard = Guard(auth, files, accounts, signer, executor)
-        watcher = asyncio.create_task(guard.watch() if auth.logins else asyncio.Event().wait())
-        try:
-            yield
-        finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-            await guard.close()
-    finally:
-        executor.shutdown(wait=False, cancel_futures=True)

@@ -18,7 +18,6 @@ by ``https://`` and marks nothing insecure, and says where a private CA would go
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
@@ -27,14 +26,9 @@ from aiohttp import web
 from proxy.core.errors import Code, OciError
 from proxy.core.routing import DOCKER_HUB
 from proxy.web import keys
+from proxy.web.address import reached_at
 
 DEFAULT_DIR: Final = "_default"
-# host[:port]: a DNS name or IPv4 address, or a bracketed IPv6 literal. Nothing else, so a
-# client-supplied Host header can never put a quote, newline or path into a generated file.
-_HOST: Final = re.compile(
-    r"(?:[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?|\[[0-9a-f:.]{2,45}\])(?::(?P<port>[0-9]{1,5}))?",
-    re.IGNORECASE,
-)
 # The endpoint containerd falls back to when the mirror fails: the registry's own API host.
 # Docker Hub's API is not at its name.
 _REAL_ENDPOINT: Final = {DOCKER_HUB: "https://registry-1.docker.io"}
@@ -44,14 +38,6 @@ _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 def _q(value: str) -> str:
     """A quoted string for TOML and YAML alike (JSON's escapes are valid in both)."""
     return json.dumps(value)
-
-
-def proxy_address(host_header: str | None, fallback: str) -> str:
-    """The address a client used to reach us, if its Host header is a plain ``host[:port]``."""
-    match = _HOST.fullmatch(host_header or "")
-    if match is None or (match["port"] is not None and not 0 < int(match["port"]) < 65536):
-        return fallback
-    return match[0].lower()
 
 
 def docker_daemon_json(proxy: str, upstreams: Sequence[str], *, tls: bool = False) -> str:
@@ -201,7 +187,5 @@ async def setup(request: web.Request) -> web.Response:
         raise OciError(Code.NAME_UNKNOWN, "no such setup", {"clients": sorted(CLIENTS)})
     render, content_type = entry
     # Without a usable Host header: loopback on the port this request arrived on.
-    sockname = request.transport.get_extra_info("sockname") if request.transport else None
-    port = sockname[1] if isinstance(sockname, tuple) else request.app[keys.SETTINGS].listen_port
-    proxy = proxy_address(request.headers.get("Host"), f"127.0.0.1:{port}")
+    proxy = reached_at(request, request.app[keys.SETTINGS].listen_port)
     return web.Response(text=render(proxy, request), content_type=content_type, charset="utf-8")

@@ -16,7 +16,8 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from proxy.core.config import ConfigError, TlsConfig
+from proxy.core.authconfig import TlsConfig
+from proxy.core.configvalues import ConfigError
 
 
 def _no_passphrase() -> bytes:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from proxy.cli.main import parser
-from proxy.core.config import DEFAULT_UPSTREAMS, PARSERS, ConfigError, Settings, load
+from proxy.core.config import DEFAULT_UPSTREAMS, PARSERS, Settings, load
+from proxy.core.configvalues import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "ocicache.example.yaml"
 

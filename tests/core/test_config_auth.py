@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.core.config import AccessRule, ConfigError, Settings, load
+from proxy.core.authconfig import AccessRule
+from proxy.core.config import Settings, load
+from proxy.core.configvalues import ConfigError
 
 HASH = "$2y$05$" + "a" * 53
 UPSTREAMS = {"docker.io": "https://registry-1.docker.io", "internal": "https://registry.internal"}

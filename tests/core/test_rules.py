@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.core.config import AccessRule
+from proxy.core.authconfig import AccessRule
 from proxy.core.rules import Rules, glob_regex
 
 # The example: anonymous clients may pull the public upstreams; ci may pull internal too.

@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.core.config import parse_auth
+from proxy.core.authconfig import parse_auth
 from tests.conftest import Proxy, StartProxy
 from tests.support.containerd import Containerd
 from tests.support.dockerd import Blackhole, offline_env

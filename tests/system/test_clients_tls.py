@@ -23,7 +23,7 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestServer
 
-from proxy.core.config import TlsConfig
+from proxy.core.authconfig import TlsConfig
 from proxy.web import tls
 from proxy.web.app import create_app
 from tests.conftest import Proxy, StartProxy, make_settings

@@ -20,7 +20,7 @@ import bcrypt
 import pytest
 
 from proxy.cli.logs import configure
-from proxy.core.config import parse_auth
+from proxy.core.authconfig import parse_auth
 from proxy.web import keys
 from proxy.web.guard import Guard
 from tests.conftest import Proxy, StartProxy, raw_request

@@ -14,12 +14,12 @@ import pytest
 import yaml
 
 from proxy.core.errors import Code, OciError
+from proxy.core.hostheader import proxy_address
 from proxy.web.setup import (
     buildkitd_toml,
     containerd_hosts_toml,
     docker_daemon_json,
     k3s_registries_yaml,
-    proxy_address,
     registries_conf,
 )
 from tests.conftest import StartProxy

@@ -12,7 +12,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from proxy.cli.main import reload_tls
-from proxy.core.config import ConfigError, TlsConfig
+from proxy.core.authconfig import TlsConfig
+from proxy.core.configvalues import ConfigError
 from proxy.web import tls
 from proxy.web.setup import containerd_hosts_toml
 from tests.conftest import Proxy, StartProxy
