@@ -3,42 +3,22 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
-from typing import Final
 
-import aiohttp
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from yarl import URL
 
 from proxy.core.config import Settings
 from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError, code_for_status, error_response
-from proxy.flows.access import Access
-from proxy.flows.fills import Fill, Fills, State
-from proxy.flows.manifests import ManifestStore
-from proxy.store.cache import BlobCache, Budget
-from proxy.store.catalogue import Catalogue
-from proxy.store.lock import CacheLock
-from proxy.store.pins import pinned_digests
-from proxy.store.storage import Storage
-from proxy.upstream import credentials
-from proxy.upstream.client import Sessions, UpstreamClient
-from proxy.upstream.resolver import GuardedResolver
+from proxy.flows.engine import running
+from proxy.flows.fills import Fill, State
 from proxy.web import gate, guard, handlers, keys, login, setup
 from proxy.web.metrics import CONTENT_TYPE, Metrics
 
 log = structlog.get_logger("ocicache.access")
-
-USER_AGENT: Final = "ocicache/0.1"
-# aiohttp's client reads up to this much before pausing the socket; larger than its 64 KiB
-# default so a fill keeps receiving while a worker thread writes the previous batch.
-READ_BUFSIZE: Final = 2 * 1024 * 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -105,30 +85,7 @@ async def _stop_fills(app: web.Application) -> None:
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
-    settings = app[keys.SETTINGS]
     metrics = app[keys.METRICS]
-    lock = CacheLock(settings.cache_dir)
-    await asyncio.to_thread(lock.acquire)
-    storage = Storage(settings.cache_dir)
-    await asyncio.to_thread(storage.prepare)
-    catalogue = Catalogue(storage)
-    await catalogue.open()
-    await catalogue.set_pins(settings.pins, "config")
-    names = [u.name for u in settings.upstreams]
-    budget = Budget(
-        settings.max_cache_bytes, settings.high_watermark, settings.low_watermark, settings.max_unused
-    )
-    cache = BlobCache(
-        storage,
-        catalogue,
-        budget,
-        lambda: pinned_digests(catalogue.pins, catalogue.tags, catalogue.manifests, names),
-    )
-    await cache.start()
-    access = Access(catalogue)
-
-    async def on_commit(fill: Fill) -> None:
-        await access.remember(fill.upstream.name, fill.repository, fill.digest)
 
     def on_finish(fill: Fill) -> None:
         metrics.upstream_gets.labels(fill.upstream.name).inc(fill.upstream_gets)
@@ -139,70 +96,16 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             outcome = fill.error.code.value if fill.error else "failed"
         metrics.fills.labels(outcome).inc()
 
-    fills = Fills(
-        storage,
-        cache,
-        retries=settings.blob_retries,
-        cancel_abandoned=settings.cancel_abandoned_fills,
-        stall=settings.blob_read_timeout,
-        on_commit=on_commit,
-        on_finish=on_finish,
-    )
-    auths = await asyncio.to_thread(_read_docker_config, settings.docker_config)
-    resolver = GuardedResolver(_trusted_hosts(settings))
-    sessions = Sessions(
-        api=_session(aiohttp.TCPConnector(limit=256, limit_per_host=32, ttl_dns_cache=60, resolver=resolver)),
-        # No pool limit: each upstream's blob_slots queue downloads, outside any timeout.
-        blobs=_session(aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=60, resolver=resolver)),
-    )
-    app[keys.STORAGE] = storage
-    app[keys.CACHE] = cache
-    app[keys.ACCESS] = access
-    app[keys.FILLS] = fills
-    app[keys.CATALOGUE] = catalogue
-    app[keys.MANIFESTS] = ManifestStore(storage, catalogue, cache, access, settings)
-    app[keys.UPSTREAMS] = {
-        u.name: UpstreamClient(u, sessions, settings, credentials.lookup(auths, u.name, u.url))
-        for u in settings.upstreams
-    }
-    try:
+    async with running(app[keys.SETTINGS], on_fill_finish=on_finish) as engine:
+        app[keys.ENGINE] = engine
+        app[keys.STORAGE] = engine.storage
+        app[keys.CACHE] = engine.cache
+        app[keys.ACCESS] = engine.access
+        app[keys.FILLS] = engine.fills
+        app[keys.CATALOGUE] = engine.catalogue
+        app[keys.MANIFESTS] = engine.manifests
+        app[keys.UPSTREAMS] = engine.upstreams
         yield
-    finally:
-        try:
-            await fills.close()
-            await cache.close()
-            await catalogue.close()
-            await sessions.api.close()
-            await sessions.blobs.close()
-        finally:
-            lock.release()
-
-
-def _session(connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(
-        auto_decompress=False,  # the bytes we hash must be the bytes upstream stored
-        read_bufsize=READ_BUFSIZE,
-        headers={"User-Agent": USER_AGENT},
-        connector=connector,
-        trust_env=False,
-    )
-
-
-def _read_docker_config(path: Path | None) -> dict[str, credentials.Credentials]:
-    if path is None:
-        return {}
-    try:
-        return credentials.parse_auths(json.loads(path.read_bytes()))
-    except (OSError, ValueError) as exc:
-        log.warning("docker_config_unreadable", path=str(path), error=str(exc))
-        return {}
-
-
-def _trusted_hosts(settings: Settings) -> frozenset[str]:
-    """Hosts we were configured with: these may live at private addresses."""
-    hosts = {URL(u.url).host or "" for u in settings.upstreams}
-    hosts |= {h.partition(":")[0] for u in settings.upstreams for h in u.realm_hosts}
-    return frozenset(h.lower() for h in hosts if h)
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from proxy.core.config import Settings
 from proxy.flows.access import Access
+from proxy.flows.engine import Engine
 from proxy.flows.fills import Fills
 from proxy.flows.manifests import ManifestStore
 from proxy.store.cache import BlobCache
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from proxy.web.guard import Guard  # which imports this module
 
 SETTINGS: Final = web.AppKey("settings", Settings)
+ENGINE: Final = web.AppKey("engine", Engine)
 METRICS: Final = web.AppKey("metrics", Metrics)
 STORAGE: Final = web.AppKey("storage", Storage)
 CACHE: Final = web.AppKey("cache", BlobCache)
