@@ -20,6 +20,7 @@ from proxy.cli.logs import configure
 from proxy.core.config import Settings, UpstreamConfig
 from proxy.web import keys
 from proxy.web.app import create_app
+from proxy.web.jobs import Prefetcher
 from proxy.web.runner import AppRunner
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.registry import Registry, running_registry
@@ -81,12 +82,13 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
         settings: Settings | None = None,
         cache_dir: Path | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        prefetch: Prefetcher | None = None,
         **overrides: Any,
     ) -> Proxy:
         if settings is None:
             assert upstreams is not None
             settings = make_settings(cache_dir or tmp_path / "cache", upstreams, **overrides)
-        server = ProxyTestServer(create_app(settings), host="127.0.0.1", port=0)
+        server = ProxyTestServer(create_app(settings, prefetch=prefetch), host="127.0.0.1", port=0)
         await server.start_server(ssl=ssl_context)
         servers.append(server)
         return Proxy(server, settings)
@@ -94,6 +96,16 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
     yield start
     for server in reversed(servers):
         await server.close()
+
+
+@pytest.fixture
+def info_logs() -> Iterator[None]:
+    """Info-level events reach structlog's processors (and capture_logs) for this test."""
+    configure("info", "console")
+    try:
+        yield
+    finally:
+        configure("warning", "console")
 
 
 @pytest.fixture

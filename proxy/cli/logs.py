@@ -1,4 +1,8 @@
-"""structlog set-up: one JSON (or console) line per event, to stderr.
+"""structlog set-up: one JSON or console line per event, to stderr.
+
+``auto`` picks the console format when stderr is a terminal (a person is reading) and JSON
+lines otherwise (a collector is). On the console the per-request event reads like an access
+log line: ``GET /v2/library/alpine/manifests/latest 200 1534B hit docker.io 0.84ms``.
 
 Named ``logs`` rather than ``logging`` so that it does not shadow the standard library.
 """
@@ -7,8 +11,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any, Final
 
 import structlog
+
+# The access line's fields, in the order it shows them; what is left follows as key=value.
+ACCESS_EVENT: Final = "request"
+_ACCESS_FIELDS: Final = ("method", "path", "status", "bytes", "cache", "upstream", "ms")
 
 
 class _Stderr:
@@ -21,18 +31,41 @@ class _Stderr:
         sys.stderr.flush()
 
 
-def configure(level: str = "info", fmt: str = "json") -> None:
-    renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
-    )
+def resolve_format(fmt: str, tty: bool) -> str:
+    if fmt == "auto":
+        return "console" if tty else "json"
+    return fmt
+
+
+def access_line(_logger: object, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """For the console: the request event as one access-log line; other events unchanged."""
+    if event.get("event") != ACCESS_EVENT or "status" not in event:
+        return event
+    method, path, status, sent, cache, upstream, ms = (event.pop(k, None) for k in _ACCESS_FIELDS)
+    event["event"] = f"{method} {path} {status} {sent}B {cache} {upstream or '-'} {ms}ms"
+    # Only what says something: a user, containerd's ns=, an aborted response.
+    for key in ("ns", "user"):
+        if event.get(key) is None:
+            event.pop(key, None)
+    if not event.get("aborted"):
+        event.pop("aborted", None)
+    return event
+
+
+def configure(level: str = "info", fmt: str = "auto") -> None:
+    chosen = resolve_format(fmt, sys.stderr.isatty())
+    processors: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+    ]
+    if chosen == "json":
+        processors.append(structlog.processors.JSONRenderer())
+    else:
+        processors += [access_line, structlog.dev.ConsoleRenderer(colors=False)]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         logger_factory=structlog.PrintLoggerFactory(_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,

@@ -16,13 +16,15 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.cli.logs import configure
+from proxy.core import listenaddr
 from proxy.core.authconfig import TlsConfig
 from proxy.core.config import Settings, load
 from proxy.core.configvalues import ConfigError
+from proxy.core.effective import effective
 from proxy.store.lock import CacheBusy, CacheLock
 from proxy.store.storage import Storage
 from proxy.store.verify import verify
-from proxy.web import tls
+from proxy.web import keys, tls
 from proxy.web.app import create_app
 from proxy.web.runner import AppRunner
 
@@ -63,7 +65,11 @@ def parser() -> argparse.ArgumentParser:
         help="never connect to any upstream: serve what the cache holds, whatever its age",
     )
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
-    s.add_argument("--log-format", choices=("json", "console"), help="default json")
+    s.add_argument(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        help="default auto: console when stderr is a terminal, else JSON lines",
+    )
     s.add_argument(
         "--event-loop",
         choices=("uvloop", "asyncio"),
@@ -127,6 +133,7 @@ async def reload_tls(ctx: ssl.SSLContext, cfg: TlsConfig) -> None:
 
 async def serve(settings: Settings, ssl_context: ssl.SSLContext | None = None) -> None:
     app = create_app(settings)
+    log.info("settings", **effective(settings))
     runner = AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(
@@ -135,8 +142,13 @@ async def serve(settings: Settings, ssl_context: ssl.SSLContext | None = None) -
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_stop() -> None:
+        app[keys.LIFECYCLE].stopping = True  # /readyz says so at once
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop)
     reloads: set[asyncio.Task[None]] = set()
 
     def on_hup() -> None:
@@ -150,18 +162,16 @@ async def serve(settings: Settings, ssl_context: ssl.SSLContext | None = None) -
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     scheme = "https" if ssl_context is not None else "http"
     for host, port, *_ in runner.addresses:
-        shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        where = listenaddr.describe(scheme, host, port)
         log.info(
             "listening",
-            url=f"{scheme}://{shown}:{port}",
+            url=listenaddr.url(scheme, host, port),
+            all_interfaces=listenaddr.all_interfaces(host),
             cache_dir=str(settings.cache_dir),
             offline=settings.offline,
-            upstreams={u.name: u.url for u in settings.upstreams},
         )
         mode = ", offline: no upstream is contacted" if settings.offline else ""
-        print(
-            f"ocicache listening on {scheme}://{shown}:{port} (cache: {settings.cache_dir}{mode})", flush=True
-        )
+        print(f"ocicache listening on {where} (cache: {settings.cache_dir}{mode})", flush=True)
     try:
         await stop.wait()
     finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -117,11 +117,16 @@ class Settings:
     # checked (what lazy pullers need), unless this makes it wait for the verified whole.
     verified_ranges_only: bool = False
     log_level: str = "info"
-    log_format: str = "json"
+    # auto: a readable console format when stderr is a terminal, JSON lines otherwise.
+    log_format: str = "auto"
     # A Docker config.json whose "auths" supply credentials to upstreams that have none.
     docker_config: Path | None = None
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig | None = None
+    # The admin API (/admin/v1/) is on only with a token: the variable admin_token_env names,
+    # or OCICACHE_ADMIN_TOKEN. Read by load(), never written anywhere.
+    admin_token_env: str | None = None
+    admin_token: str | None = field(default=None, repr=False)
 
     @property
     def default_upstream(self) -> UpstreamConfig:
@@ -257,6 +262,20 @@ def parse_upstreams(key: str, value: Any) -> tuple[UpstreamConfig, ...]:
     return result
 
 
+ADMIN_TOKEN_VARIABLE: Final = "OCICACHE_ADMIN_TOKEN"
+# A token a person can still type, long enough not to be guessed; it travels in a header.
+ADMIN_TOKEN_MIN: Final = 16
+_ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HEADER_SAFE: Final = re.compile(r"[\x21-\x7e]+")
+
+
+def parse_env_name(key: str, value: Any) -> str:
+    name = parse_text(key, value)
+    if not _ENV_NAME.fullmatch(name):
+        raise ConfigError(key, f"expected the name of an environment variable, got {name[:100]!r}")
+    return name
+
+
 # key -> parser into Settings field values. "listen" fills two fields.
 PARSERS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "listen": parse_listen,
@@ -279,12 +298,31 @@ PARSERS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "upstream_blob_connections": lambda k, v: parse_int(k, v, minimum=1),
     "verified_ranges_only": parse_bool,
     "log_level": parse_choice(("debug", "info", "warning", "error")),
-    "log_format": parse_choice(("json", "console")),
+    "log_format": parse_choice(("auto", "json", "console")),
     "docker_config": parse_path,
     "auth": parse_auth,
     "tls": parse_tls,
+    "admin_token_env": parse_env_name,
 }
 _FIELD_OF: Final = {"max_cache_size": "max_cache_bytes"}
+
+
+def admin_token(settings: Settings, environ: Mapping[str, str]) -> str | None:
+    """The admin API's token: from the variable ``admin_token_env`` names (which must then be
+    set), else from OCICACHE_ADMIN_TOKEN; None: the admin API is off."""
+    name = settings.admin_token_env
+    key = "admin_token_env" if name is not None else ADMIN_TOKEN_VARIABLE
+    token = environ.get(name) if name is not None else environ.get(ADMIN_TOKEN_VARIABLE)
+    if token is None:
+        if name is not None:
+            raise ConfigError(key, f"environment variable {name} is not set")
+        return None
+    # Never quoted in an error: it is a secret, whatever is wrong with it.
+    if len(token) < ADMIN_TOKEN_MIN:
+        raise ConfigError(key, f"the admin token must have {ADMIN_TOKEN_MIN} characters or more")
+    if not _HEADER_SAFE.fullmatch(token):
+        raise ConfigError(key, "the admin token must be printable ASCII without spaces")
+    return token
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -341,6 +379,9 @@ def load(
     flags: Mapping[str, Any],
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
-    env = read_env(os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    env = read_env(environ)
     file_layer = read_yaml(config_file) if config_file is not None else {}
-    return build(file_layer, env, flags)
+    settings = build(file_layer, env, flags)
+    token = admin_token(settings, environ)
+    return settings if token is None else replace(settings, admin_token=token)

@@ -36,6 +36,8 @@ class Code(Enum):
     RANGE_INVALID = "RANGE_INVALID"
     # Not in the spec: a request that is not valid HTTP, or lacks a required parameter.
     REQUEST_INVALID = "REQUEST_INVALID"
+    # Not in the spec: a change refused by what the cache holds (a pinned image, a config pin).
+    CONFLICT = "CONFLICT"
     # Not in the spec: the upstream answered something we cannot use (5xx, garbage, loops).
     UPSTREAM_ERROR = "UPSTREAM_ERROR"
     # distribution uses UNAVAILABLE for 503; we use it when the upstream cannot be reached.
@@ -58,6 +60,7 @@ STATUS: Final[dict[Code, int]] = {
     Code.TOOMANYREQUESTS: 429,
     Code.RANGE_INVALID: 416,
     Code.REQUEST_INVALID: 400,
+    Code.CONFLICT: 409,
     Code.UPSTREAM_ERROR: 502,
     Code.UNAVAILABLE: 503,
     Code.UNKNOWN: 500,

@@ -35,6 +35,7 @@ from proxy.flows.window import Cut, Window
 from proxy.store.cache import BlobCache
 from proxy.store.storage import Storage
 from proxy.upstream.client import UpstreamClient, retryable
+from proxy.upstream.failures import BLOB
 
 log = structlog.get_logger("ocicache.fills")
 
@@ -211,6 +212,10 @@ class Fills:
     def __len__(self) -> int:
         return len(self._fills)
 
+    def running(self) -> list[Fill]:
+        """The downloads under way now (for people: the status page, the admin API)."""
+        return list(self._fills.values())
+
     def join(self, digest: Digest, upstream: UpstreamClient, repository: str) -> tuple[Fill, bool]:
         """The running fill for ``digest``, started if there is none; and whether we started it.
         The caller has acquired it and must call :meth:`leave`."""
@@ -276,7 +281,7 @@ class Fills:
                     repository=fill.repository,
                     got=f"{fill.digest.algorithm}:{hasher.hexdigest()}",
                 )
-                raise OciError(Code.UPSTREAM_ERROR, "upstream blob does not match its digest")
+                raise fill.upstream.bad_answer(BLOB, "upstream blob does not match its digest")
             fill.size = fill.written
             fill.verified = True
             fill._announce()

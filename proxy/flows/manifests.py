@@ -52,6 +52,7 @@ from proxy.store.cache import BlobCache
 from proxy.store.catalogue import Catalogue, ManifestInfo, TagAnswer, TagKey
 from proxy.store.storage import Storage
 from proxy.upstream.client import ManifestReply, UpstreamClient
+from proxy.upstream.failures import MANIFEST
 
 log = structlog.get_logger("ocicache.manifests")
 
@@ -209,7 +210,7 @@ class ManifestStore:
             log.error(
                 "manifest_digest_mismatch", upstream=upstream.name, repository=repository, digest=str(digest)
             )
-            raise OciError(Code.UPSTREAM_ERROR, "upstream manifest does not match its digest")
+            raise upstream.bad_answer(MANIFEST, "upstream manifest does not match its digest")
         # By digest a registry answers the bytes as they are, whatever the Accept: so do we.
         media_type = _type_of(reply, upstream, repository)
         await self.keep(upstream, repository, reply.body, digest, media_type)
@@ -302,11 +303,9 @@ def _type_of(reply: ManifestReply, upstream: UpstreamClient, repository: str) ->
             content_type=reply.media_type[:100],
             reason=str(exc),
         )
-        raise OciError(
-            Code.UPSTREAM_ERROR,
-            "upstream answered with something that is not a manifest",
-            {"upstream": upstream.name, "content_type": reply.media_type[:100]},
-        ) from exc
+        err = upstream.bad_answer(MANIFEST, "upstream answered with something that is not a manifest")
+        err.detail = {"upstream": upstream.name, "content_type": reply.media_type[:100]}
+        raise err from exc
     if reply.media_type and reply.media_type != media_type:
         log.info(
             "manifest_type_corrected",

@@ -98,6 +98,8 @@ class BlobCache:
         catalogue.drop_observers.append(self.open_files.drop)
         self.evicted = 0
         self.evicted_bytes = 0
+        self.purged = 0
+        self.purged_bytes = 0
 
     async def start(self) -> None:
         """Fit the budget to the disk, evict what is over it, and sweep unused files."""
@@ -209,17 +211,22 @@ class BlobCache:
         """Something was indexed by another route (a manifest): check the budget."""
         self._maybe_evict()
 
-    async def remove(self, digest: Digest) -> BlobEntry | None:
+    async def remove(self, digest: Digest, *, purge: bool = False) -> BlobEntry | None:
         """Remove a file and its facts: the file first, so that a crash between leaves a row
-        without a file, which start-up drops."""
+        without a file, which start-up drops. Counted as evicted, or as ``purge``d (asked for
+        by an operator)."""
         key = str(digest)
         if key not in self.catalogue.blobs:
             return None
         await asyncio.to_thread(self.storage.remove, digest)
         entry = self.catalogue.drop(key)
         if entry is not None:
-            self.evicted += 1
-            self.evicted_bytes += entry.size
+            if purge:
+                self.purged += 1
+                self.purged_bytes += entry.size
+            else:
+                self.evicted += 1
+                self.evicted_bytes += entry.size
         return entry
 
     def _maybe_evict(self) -> None:

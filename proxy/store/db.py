@@ -101,6 +101,11 @@ class Database:
         self._thread.start()
         await ready
 
+    @property
+    def is_open(self) -> bool:
+        """Opened, not closed, and its thread still running."""
+        return not self._closed and self._thread is not None and self._thread.is_alive()
+
     def submit(self, work: Work) -> None:
         """Queue ``work``; nobody waits for it. A failure is logged."""
         if self._closed:

@@ -9,6 +9,11 @@ It owns tokens, redirects and timeouts, and translates every third-party excepti
     └── code DENIED / *_UNKNOWN    upstream's final word on this request
 
 ``UNAVAILABLE`` and ``UPSTREAM_ERROR`` are :func:`retryable`; the rest are answers.
+
+Every failure (all but 404 and 416, which are answers about content) is logged once, at
+warning, as ``upstream_failed`` with the upstream's name, the host, the operation and the cause
+(:mod:`proxy.upstream.failures`), counted through the client's ``observer``, and kept as the
+upstream's last failure for the status page. Exchanges are timed the same way.
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ from proxy.core.upstreamauth import (
     same_origin,
     token_request_url,
 )
+from proxy.upstream import failures
 from proxy.upstream.credentials import run_helper
+from proxy.upstream.failures import ANSWERS, Cause, Health, NoObserver, Observer
 from proxy.upstream.slots import Slots
 
 log = structlog.get_logger("ocicache.upstream")
@@ -60,12 +67,22 @@ def retryable(err: OciError) -> bool:
     return err.code in (Code.UNAVAILABLE, Code.UPSTREAM_ERROR)
 
 
+# Bytes of an error answer's body read for its OCI error code.
+ERROR_BODY_MAX: Final = 4096
+
+
 def _unreachable(upstream: str, exc: BaseException) -> OciError:
     return OciError(
         Code.UNAVAILABLE,
         "upstream registry unreachable",
         {"upstream": upstream, "reason": type(exc).__name__},
     )
+
+
+def _host_of(url: URL) -> str:
+    host = url.host or ""
+    shown = f"[{host}]" if ":" in host else host
+    return shown if url.port is None or url.is_default_port() else f"{shown}:{url.port}"
 
 
 def status_error(upstream: str, resp: aiohttp.ClientResponse, unknown: Code) -> OciError:
@@ -141,6 +158,52 @@ class UpstreamClient:
         self._credentials_until = 0.0
         self._stored_credentials = stored_credentials
         self.ratelimit_remaining: str | None = None
+        self.host = _host_of(self.url)
+        self.health = Health()
+        self.observer: Observer = NoObserver()
+
+    # --- failures ----------------------------------------------------------------------------
+
+    def report(self, operation: str, host: str, cause: Cause) -> None:
+        """Log, count and remember one failed exchange."""
+        self.health.failed(operation, host, cause)
+        self.observer.failed(self.name, operation, cause)
+        log.warning(
+            "upstream_failed",
+            upstream=self.name,
+            host=host,
+            operation=operation,
+            cause=cause.text,
+            kind=cause.kind,
+            errno=cause.errno,
+            status=cause.status,
+            code=cause.code,
+        )
+
+    def unreachable(self, exc: BaseException, operation: str, host: str | None = None) -> OciError:
+        self.report(operation, host or self.host, failures.cause_of(exc))
+        return _unreachable(self.name, exc)
+
+    def bad_answer(self, operation: str, message: str, code: Code = Code.UPSTREAM_ERROR) -> OciError:
+        """Upstream answered something we cannot use: reported, and the client's error."""
+        self.report(operation, self.host, failures.bad_answer(message))
+        return OciError(code, message, {"upstream": self.name})
+
+    async def refusal(self, resp: aiohttp.ClientResponse, unknown: Code, operation: str) -> OciError:
+        """The client's error for a non-success answer; reported unless it is an answer about
+        the content (404, 416). Reads at most a little of the body, for its OCI error code."""
+        err = status_error(self.name, resp, unknown)
+        if resp.status in ANSWERS:
+            return err
+        body = b""
+        if resp.method != "HEAD":
+            try:
+                async with asyncio.timeout(2):
+                    body = await resp.content.read(ERROR_BODY_MAX)
+            except (*_TRANSPORT_ERRORS, ValueError):
+                body = b""
+        self.report(operation, _host_of(resp.url), failures.status_cause(resp.status, body))
+        return err
 
     # --- credentials and tokens ------------------------------------------------------------
 
@@ -165,11 +228,16 @@ class UpstreamClient:
         creds = await self.credentials()
         if challenge.scheme == "basic":
             if creds is None:
+                self.report(
+                    failures.TOKEN,
+                    self.host,
+                    failures.Cause("status", "HTTP 401: credentials required", status=401),
+                )
                 raise OciError(Code.DENIED, "upstream requires credentials", {"upstream": self.name})
             self._basic = basic_header(*creds)
             return
         if challenge.scheme != "bearer" or not challenge.realm:
-            raise OciError(Code.UPSTREAM_ERROR, "unsupported upstream challenge", {"upstream": self.name})
+            raise self.bad_answer(failures.TOKEN, "unsupported upstream challenge")
         realm = URL(challenge.realm)
         if not realm_allowed(realm, self.url, self.cfg.realm_hosts):
             log.warning("token_realm_refused", upstream=self.name, realm_host=realm.host)
@@ -186,22 +254,23 @@ class UpstreamClient:
                 return
             headers = {"Authorization": basic_header(*creds)} if creds else {}
             url = token_request_url(challenge, scope)
+            started = time.monotonic()
             try:
                 async with self._session.get(
                     url, headers=headers, allow_redirects=False, timeout=self._manifest_timeout
                 ) as resp:
+                    self.observer.exchanged(self.name, failures.TOKEN, time.monotonic() - started)
                     if resp.status != 200:
-                        raise status_error(self.name, resp, Code.NAME_UNKNOWN)
+                        raise await self.refusal(resp, Code.NAME_UNKNOWN, failures.TOKEN)
                     body = json.loads(await read_body(resp, TOKEN_MAX, self.name, "token answer"))
             except _TRANSPORT_ERRORS as exc:
-                raise _unreachable(self.name, exc) from exc
+                raise self.unreachable(exc, failures.TOKEN, _host_of(url)) from exc
             except ValueError as exc:
-                raise OciError(
-                    Code.UPSTREAM_ERROR, "token answer is not JSON", {"upstream": self.name}
-                ) from exc
+                raise self.bad_answer(failures.TOKEN, "token answer is not JSON") from exc
             token = parse_token_response(body, time.monotonic())
             if token is None:
-                raise OciError(Code.UPSTREAM_ERROR, "token answer has no token", {"upstream": self.name})
+                raise self.bad_answer(failures.TOKEN, "token answer has no token")
+            self.health.succeeded()
             self._tokens[scope] = token
 
     # --- requests --------------------------------------------------------------------------
@@ -213,34 +282,37 @@ class UpstreamClient:
         url: URL,
         headers: dict[str, str],
         timeout: aiohttp.ClientTimeout,
+        operation: str,
     ) -> aiohttp.ClientResponse:
         """Send, following redirects ourselves: credentials stay on the upstream's origin, and
-        no redirect leads to an address we refuse."""
+        no redirect leads to an address we refuse. Timed up to the final answer's headers."""
         if self.offline:
             raise OciError(Code.UNAVAILABLE, "the proxy is offline", {"upstream": self.name, "offline": True})
+        started = time.monotonic()
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 resp = await session.request(
                     method, url, headers=headers, allow_redirects=False, timeout=timeout
                 )
             except _TRANSPORT_ERRORS as exc:
-                raise _unreachable(self.name, exc) from exc
+                raise self.unreachable(exc, operation, _host_of(url)) from exc
             location = resp.headers.get("Location")
             if resp.status not in _REDIRECTS or location is None:
+                self.observer.exchanged(self.name, operation, time.monotonic() - started)
+                if resp.status < 500 and resp.status != 429:
+                    self.health.succeeded()
                 return resp
             resp.release()
             target = url.join(URL(location, encoded=True))
             if not redirect_allowed(target, self.url):
                 log.warning("redirect_refused", upstream=self.name, target_host=target.host)
-                raise OciError(
-                    Code.UPSTREAM_ERROR, "upstream redirected to a forbidden address", {"upstream": self.name}
-                )
+                raise self.bad_answer(operation, "upstream redirected to a forbidden address")
             if not same_origin(target, self.url):
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             if resp.status == 303:
                 method = "GET"
             url = target
-        raise OciError(Code.UPSTREAM_ERROR, "too many upstream redirects", {"upstream": self.name})
+        raise self.bad_answer(operation, "too many upstream redirects")
 
     async def request(
         self,
@@ -252,6 +324,7 @@ class UpstreamClient:
         timeout: aiohttp.ClientTimeout | None = None,
         query: Mapping[str, str] | None = None,
         blob: bool = False,
+        operation: str,
     ) -> aiohttp.ClientResponse:
         """One authenticated request; the caller releases the response. ``blob`` requests go
         through the blob connection pool."""
@@ -265,13 +338,14 @@ class UpstreamClient:
             if auth is not None:
                 hdrs["Authorization"] = auth
             session = self._blob_session if blob else self._session
-            resp = await self._send(session, method, url, hdrs, timeout or self._manifest_timeout)
+            resp = await self._send(session, method, url, hdrs, timeout or self._manifest_timeout, operation)
             self._note_ratelimit(resp)
             if resp.status != 401 or attempt == 2:
                 return resp
             challenge = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
             resp.release()
             if challenge is None:
+                self.report(operation, self.host, failures.status_cause(401))
                 raise OciError(Code.DENIED, "upstream denied access", {"upstream": self.name})
             # A 401 with a token we already had means it expired or was revoked: get a new one.
             self._tokens.pop(scope, None)
@@ -292,26 +366,36 @@ class UpstreamClient:
     # --- the registry API --------------------------------------------------------------------
 
     async def manifest(self, method: str, repository: str, reference: str, accept: str) -> ManifestReply:
+        operation = failures.HEAD if method == "HEAD" else failures.MANIFEST
         resp = await self.request(
             method,
             f"/v2/{repository}/manifests/{reference}",
             repository=repository,
             headers={"Accept": accept, "Accept-Encoding": "identity"},
+            operation=operation,
         )
         try:
             if resp.status != 200:
-                raise status_error(self.name, resp, Code.MANIFEST_UNKNOWN)
+                raise await self.refusal(resp, Code.MANIFEST_UNKNOWN, operation)
             media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
             digest = resp.headers.get("Docker-Content-Digest")
             if method == "HEAD":
                 size = parse_count(resp.headers.get("Content-Length", "")) or 0
                 return ManifestReply(b"", media_type, digest, size)
-            body = await read_body(resp, MANIFEST_MAX, self.name, "manifest")
+            body = await self._read(resp, MANIFEST_MAX, "manifest", operation)
+            self.observer.received(self.name, operation, len(body))
             return ManifestReply(body, media_type, digest, len(body))
         except _TRANSPORT_ERRORS as exc:
-            raise _unreachable(self.name, exc) from exc
+            raise self.unreachable(exc, operation, _host_of(resp.url)) from exc
         finally:
             resp.release()
+
+    async def _read(self, resp: aiohttp.ClientResponse, limit: int, what: str, operation: str) -> bytes:
+        try:
+            return await read_body(resp, limit, self.name, what)
+        except OciError as err:
+            self.report(operation, _host_of(resp.url), failures.bad_answer(err.message))
+            raise
 
     async def open_blob(self, repository: str, digest: Digest, offset: int = 0) -> BlobStream:
         """Start a blob download at ``offset``. The stream must be closed by the caller."""
@@ -327,6 +411,7 @@ class UpstreamClient:
                 headers=headers,
                 timeout=self._blob_timeout,
                 blob=True,
+                operation=failures.BLOB,
             )
             if resp.status == 200:
                 start = 0
@@ -334,16 +419,18 @@ class UpstreamClient:
                 ranged = _content_range_start(resp.headers.get("Content-Range", ""))
                 if ranged is None or ranged > offset:
                     resp.release()
-                    raise OciError(Code.UPSTREAM_ERROR, "bad Content-Range", {"upstream": self.name})
+                    raise self.bad_answer(failures.BLOB, "bad Content-Range")
                 start = ranged
             else:
-                err = status_error(self.name, resp, Code.BLOB_UNKNOWN)
-                resp.release()
+                try:
+                    err = await self.refusal(resp, Code.BLOB_UNKNOWN, failures.BLOB)
+                finally:
+                    resp.release()
                 raise err
         except BaseException:
             self.blob_slots.release()
             raise
-        return BlobStream(self.name, resp, start, _total_size(resp, start), self.blob_slots)
+        return BlobStream(self, resp, start, _total_size(resp, start), self.blob_slots)
 
     async def blob_exists(self, repository: str, digest: Digest) -> bool:
         return await self._exists(f"/v2/{repository}/blobs/{digest}", repository, {})
@@ -355,10 +442,11 @@ class UpstreamClient:
             f"/v2/{repository}/blobs/{digest}",
             repository=repository,
             headers={"Accept-Encoding": "identity"},
+            operation=failures.HEAD,
         )
         try:
             if resp.status != 200:
-                raise status_error(self.name, resp, Code.BLOB_UNKNOWN)
+                raise await self.refusal(resp, Code.BLOB_UNKNOWN, failures.HEAD)
             return parse_count(resp.headers.get("Content-Length", ""))
         finally:
             resp.release()
@@ -369,27 +457,31 @@ class UpstreamClient:
         )
 
     async def _exists(self, path: str, repository: str, headers: dict[str, str]) -> bool:
-        resp = await self.request("HEAD", path, repository=repository, headers=headers)
+        resp = await self.request(
+            "HEAD", path, repository=repository, headers=headers, operation=failures.HEAD
+        )
         try:
             if resp.status == 200:
                 return True
             if resp.status in (401, 403, 404):
                 return False
-            raise status_error(self.name, resp, Code.BLOB_UNKNOWN)
+            raise await self.refusal(resp, Code.BLOB_UNKNOWN, failures.HEAD)
         finally:
             resp.release()
 
     async def tags(self, repository: str, query: Mapping[str, str]) -> tuple[bytes, str | None]:
-        resp = await self.request("GET", f"/v2/{repository}/tags/list", repository=repository, query=query)
+        resp = await self.request(
+            "GET", f"/v2/{repository}/tags/list", repository=repository, query=query, operation=failures.TAGS
+        )
         try:
             if resp.status != 200:
-                raise status_error(self.name, resp, Code.NAME_UNKNOWN)
-            body = await read_body(resp, TAGS_MAX, self.name, "tags list")
+                raise await self.refusal(resp, Code.NAME_UNKNOWN, failures.TAGS)
+            body = await self._read(resp, TAGS_MAX, "tags list", failures.TAGS)
             if not _is_tags_list(body):
-                raise OciError(Code.UPSTREAM_ERROR, "upstream tags list is not one", {"upstream": self.name})
+                raise self.bad_answer(failures.TAGS, "upstream tags list is not one")
             return body, resp.headers.get("Link")
         except _TRANSPORT_ERRORS as exc:
-            raise _unreachable(self.name, exc) from exc
+            raise self.unreachable(exc, failures.TAGS, _host_of(resp.url)) from exc
         finally:
             resp.release()
 
@@ -442,7 +534,12 @@ class BlobStream:
     """An open upstream blob body from byte ``start``; ``total`` is the whole blob's size."""
 
     def __init__(
-        self, upstream: str, resp: aiohttp.ClientResponse, start: int, total: int | None, slots: Slots
+        self,
+        upstream: UpstreamClient,
+        resp: aiohttp.ClientResponse,
+        start: int,
+        total: int | None,
+        slots: Slots,
     ) -> None:
         self._upstream = upstream
         self._resp = resp
@@ -469,7 +566,7 @@ class BlobStream:
                     size += len(more)
                 yield parts[0] if len(parts) == 1 else b"".join(parts)
         except _TRANSPORT_ERRORS as exc:
-            raise _unreachable(self._upstream, exc) from exc
+            raise self._upstream.unreachable(exc, failures.BLOB, _host_of(self._resp.url)) from exc
 
     def close(self) -> None:
         self._resp.close()

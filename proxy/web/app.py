@@ -3,20 +3,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from proxy.core.config import Settings
 from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError, code_for_status, error_response
-from proxy.flows.engine import running
+from proxy.flows.engine import Engine, running
 from proxy.flows.fills import Fill, State
-from proxy.web import gate, guard, handlers, keys, login, setup
-from proxy.web.metrics import CONTENT_TYPE, Metrics
+from proxy.web import admin, gate, guard, handlers, health, keys, login, setup, status
+from proxy.web.jobs import Jobs, Prefetcher
+from proxy.web.lifecycle import Lifecycle
+from proxy.web.metrics import CONTENT_TYPE, Metrics, UpstreamMetrics, counter, gauge
+from proxy.web.overview import sample
+from proxy.web.pulls import Pulls
+from proxy.web.samples import Samples
 
 log = structlog.get_logger("ocicache.access")
 
@@ -40,11 +48,14 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
         resp = error_response(OciError(Code.UNKNOWN, "internal error"))
     status = resp.status
     cache = request.get(keys.CACHE_RESULT, "-")
-    kind = request.get(keys.KIND, "other")
-    metrics = request.app[keys.METRICS]
-    metrics.requests.labels(kind, cache, str(status)).inc()
-    sent = request.get(keys.SENT, 0)
-    metrics.served_bytes.labels(cache).inc(sent)
+    upstream = request.get(keys.UPSTREAM, "-")
+    sent = request.get(keys.SENT)
+    if sent is None:
+        # Answers the handlers did not stream themselves (errors, tags lists, /setup, JSON):
+        # the body aiohttp is about to send, none for HEAD.
+        body = resp.body if isinstance(resp, web.Response) and request.method != "HEAD" else None
+        sent = len(body) if isinstance(body, bytes | bytearray) else 0
+    request.app[keys.METRICS].count(request.get(keys.KIND, "other"), cache, status, upstream, sent)
     log.info(
         "request",
         method=request.method,
@@ -54,6 +65,7 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
         status=status,
         bytes=sent,
         cache=cache,
+        upstream=upstream,
         aborted=request.get(keys.ABORTED, False),
         ms=round((time.perf_counter() - started) * 1000, 2),
     )
@@ -61,27 +73,62 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    m = request.app[keys.METRICS]
-    cache = request.app[keys.CACHE]
-    m.cache_bytes.set(cache.total)
-    m.cache_blobs.set(len(cache))
-    m.fills_active.set(len(request.app[keys.FILLS]))
-    for up in request.app[keys.UPSTREAMS].values():
-        if up.ratelimit_remaining is not None:
-            value = parse_count(up.ratelimit_remaining.split(";")[0].strip())
-            if value is not None:
-                m.ratelimit_remaining.labels(up.name).set(value)
-    return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE})
+    return web.Response(body=request.app[keys.METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
 
 
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+def engine_metrics(engine: Engine) -> Callable[[], Iterator[Metric]]:
+    """What /metrics reads from the engine when scraped."""
+
+    def collect() -> Iterator[Metric]:
+        cache = engine.cache
+        yield gauge("ocicache_cache_bytes", "Bytes held in the blob cache", cache.total)
+        yield gauge("ocicache_cache_blobs", "Blobs held in the blob cache", len(cache))
+        yield gauge(
+            "ocicache_cache_budget_bytes",
+            "The disk budget in force (lowered to the disk if larger)",
+            cache.max_bytes,
+        )
+        yield counter(
+            "ocicache_evictions", "Files removed to keep within the budget or max_unused", cache.evicted
+        )
+        yield counter("ocicache_evicted_bytes", "Bytes of the files evicted", cache.evicted_bytes)
+        yield counter(
+            "ocicache_purges", "Files removed by an operator (admin API, ocicache rm)", cache.purged
+        )
+        yield counter("ocicache_purged_bytes", "Bytes of the files purged", cache.purged_bytes)
+        yield gauge("ocicache_fills_active", "Blob downloads in progress", len(engine.fills))
+        limits = [
+            (up.name, value)
+            for up in engine.upstreams.values()
+            if up.ratelimit_remaining is not None
+            and (value := parse_count(up.ratelimit_remaining.split(";")[0].strip())) is not None
+        ]
+        if limits:
+            family = GaugeMetricFamily(
+                "ocicache_upstream_ratelimit_remaining",
+                "Last ratelimit-remaining an upstream reported",
+                labels=["upstream"],
+            )
+            for name, value in limits:
+                family.add_metric([name], value)
+            yield family
+
+    return collect
 
 
 async def _stop_fills(app: web.Application) -> None:
     # Before aiohttp waits for running handlers: readers tailing a fill end (aborted) now,
     # instead of holding shutdown until its timeout.
+    app[keys.LIFECYCLE].stopping = True
+    await app[keys.JOBS].close()
     await app[keys.FILLS].close()
+
+
+async def _sampler(app: web.Application) -> None:
+    samples = app[keys.SAMPLES]
+    while True:
+        samples.add(sample(app))
+        await asyncio.sleep(samples.every)
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
@@ -105,17 +152,47 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         app[keys.CATALOGUE] = engine.catalogue
         app[keys.MANIFESTS] = engine.manifests
         app[keys.UPSTREAMS] = engine.upstreams
-        yield
+        observer = UpstreamMetrics(metrics)
+        for client in engine.upstreams.values():
+            client.observer = observer
+        app[keys.JOBS] = jobs = Jobs(engine, app[keys.PREFETCH])
+        metrics.live.sources[:] = [engine_metrics(engine), jobs.metrics]
+        sampler = asyncio.get_running_loop().create_task(_sampler(app), name="status samples")
+        try:
+            yield
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+            await jobs.close()
+            metrics.live.sources.clear()
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, *, prefetch: Prefetcher | None = None) -> web.Application:
+    """``prefetch``: the air-gap layer's, for ``POST /admin/v1/prefetch`` (it sits above this
+    layer, so the caller hands it in)."""
     middlewares: list[Middleware] = [errors_and_access_log]
+    public: tuple[Handler, ...] = (
+        metrics_endpoint,
+        health.healthz,
+        health.readyz,
+        setup.setup,
+        login.token,
+        status.status_page,
+        # The admin API checks its own token (not a client login).
+        *admin.HANDLERS,
+    )
     if settings.auth.enabled:
         # Inside the error middleware, so refusals get the envelope and a log line.
-        middlewares.append(gate.middleware(public=(metrics_endpoint, healthz, setup.setup, login.token)))
+        middlewares.append(gate.middleware(public=public))
     app = web.Application(middlewares=middlewares, client_max_size=64 * 1024)
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = Metrics()
+    app[keys.LIFECYCLE] = Lifecycle()
+    app[keys.PULLS] = Pulls()
+    app[keys.SAMPLES] = Samples()
+    app[keys.PREFETCH] = prefetch
+    status.templates(app)
     app.cleanup_ctx.append(_resources)
     if settings.auth.enabled:
         app.cleanup_ctx.append(gate.resources)
@@ -123,8 +200,12 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_route("*", "/v2/", handlers.base)
     app.router.add_route("*", "/v2/{tail:.*}", handlers.registry_api)
     app.router.add_get("/metrics", metrics_endpoint)
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/setup/{client}", setup.setup)
+    app.router.add_get("/", status.status_page)
+    if settings.admin_token is not None:
+        admin.add_routes(app, settings.admin_token)
     if settings.auth.logins:
         app.router.add_route("*", guard.TOKEN_PATH, login.token)
     app.router.add_route("*", "/{tail:.*}", handlers.not_found)

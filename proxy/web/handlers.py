@@ -45,6 +45,7 @@ async def registry_api(request: web.Request) -> web.StreamResponse:
     where = route(parsed.name, request.query.get("ns"), upstreams.keys(), settings.default_upstream.name)
     client = upstreams[where.upstream]
     request[keys.KIND] = parsed.kind.value
+    request[keys.UPSTREAM] = client.name
     if parsed.kind is Kind.MANIFEST:
         assert parsed.reference is not None
         return await manifest(request, client, where.repository, parsed.reference)
@@ -60,6 +61,9 @@ async def manifest(
     store = request.app[keys.MANIFESTS]
     served = await store.get(client, repository, reference, request.headers.getall("Accept", []))
     request[keys.CACHE_RESULT] = served.source
+    if isinstance(reference, str):
+        # A pull asks for its tag once: the status page's pulls by image.
+        request.app[keys.PULLS].count(client.name, repository, reference, served.source)
     request[keys.SENT] = 0 if request.method == "HEAD" else served.size
     return web.Response(
         body=served.body,
@@ -200,6 +204,9 @@ async def blob(
     try:
         return await _serve_fill(request, fill)
     finally:
+        if fill.window is not None:
+            # The disk was full: streamed through from memory, and not cached.
+            request[keys.CACHE_RESULT] = "uncached"
         fills.leave(fill)
 
 

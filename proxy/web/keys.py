@@ -15,10 +15,14 @@ from proxy.store.cache import BlobCache
 from proxy.store.catalogue import Catalogue
 from proxy.store.storage import Storage
 from proxy.upstream.client import UpstreamClient
+from proxy.web.lifecycle import Lifecycle
 from proxy.web.metrics import Metrics
+from proxy.web.pulls import Pulls
+from proxy.web.samples import Samples
 
 if TYPE_CHECKING:
     from proxy.web.guard import Guard  # which imports this module
+    from proxy.web.jobs import Jobs, Prefetcher  # which import this module
 
 SETTINGS: Final = web.AppKey("settings", Settings)
 ENGINE: Final = web.AppKey("engine", Engine)
@@ -30,12 +34,20 @@ FILLS: Final = web.AppKey("fills", Fills)
 MANIFESTS: Final = web.AppKey("manifests", ManifestStore)
 ACCESS: Final = web.AppKey("access", Access)
 UPSTREAMS: Final = web.AppKey("upstreams", dict[str, UpstreamClient])
+LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
+PULLS: Final = web.AppKey("pulls", Pulls)
+SAMPLES: Final = web.AppKey("samples", Samples)
+JOBS: Final[web.AppKey[Jobs]] = web.AppKey("jobs")
+# The air-gap layer's prefetch, handed in by whoever builds the app (None: not available).
+PREFETCH: Final[web.AppKey[Prefetcher | None]] = web.AppKey("prefetch")
 # Only when auth: is configured.
 GUARD: Final[web.AppKey[Guard]] = web.AppKey("guard")
 
 # Per-request notes for the access log line.
 KIND: Final = web.RequestKey("kind", str)
 CACHE_RESULT: Final = web.RequestKey("cache", str)
+# The upstream a registry request was routed to (by ns=, path prefix or default).
+UPSTREAM: Final = web.RequestKey("upstream", str)
 SENT: Final = web.RequestKey("sent", int)
 ABORTED: Final = web.RequestKey("aborted", bool)
 # The verified user name (None: anonymous); never a credential.

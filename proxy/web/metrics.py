@@ -1,11 +1,79 @@
 """Every Prometheus metric, defined once, on a registry per application (no global state, so
-that tests can run many apps in one process)."""
+that tests can run many apps in one process).
+
+Per request the app pays for one lookup of the request's label set and two counter
+increments (:meth:`Metrics.count`): the label children are looked up once per distinct set and
+kept. What can be read when scraped (cache size, budget, evictions, fills and prefetch jobs in
+flight, rate limits) is read then, by :class:`Live`, instead of being kept up to date.
+Upstream exchanges (cold paths only) are timed into a histogram and their failures counted.
+The ``_created`` series prometheus_client adds to every counter and histogram are left out of
+what is served: they double the series count and no dashboard here reads them.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from collections.abc import Callable, Iterable, Iterator
+from typing import Final
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.registry import Collector
+
+from proxy.upstream.failures import Cause
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Upstream exchanges: a cached token is milliseconds, a blob behind a slow CDN seconds.
+LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Cache results a request was answered from without upstream's bytes.
+FROM_CACHE: Final = frozenset({"hit", "stale", "revalidated", "offline"})
+# ... and those that needed them.
+FROM_UPSTREAM: Final = frozenset({"miss", "join", "pass", "uncached"})
+
+
+class Totals:
+    """Requests and body bytes by cache result, summed over the other labels."""
+
+    __slots__ = ("bytes", "requests", "upstream_bytes")
+
+    def __init__(self) -> None:
+        self.requests: dict[str, float] = {}
+        self.bytes: dict[str, float] = {}
+        self.upstream_bytes = 0.0
+
+    def requests_in(self, results: Iterable[str]) -> float:
+        return sum(self.requests.get(r, 0.0) for r in results)
+
+    def bytes_in(self, results: Iterable[str]) -> float:
+        return sum(self.bytes.get(r, 0.0) for r in results)
+
+
+class Live(Collector):
+    """Values read when scraped, from whatever the app binds (nothing until it does)."""
+
+    def __init__(self) -> None:
+        self.sources: list[Callable[[], Iterable[Metric]]] = []
+
+    def collect(self) -> Iterator[Metric]:
+        for source in self.sources:
+            yield from source()
+
+
+class _WithoutCreated(Collector):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric
 
 
 class Metrics:
@@ -14,12 +82,12 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "ocicache_requests",
-            "Client requests by endpoint kind, cache result and status",
-            ["kind", "cache", "status"],
+            "Client requests by endpoint kind, cache result, status and upstream",
+            ["kind", "cache", "status", "upstream"],
             registry=r,
         )
         self.served_bytes = Counter(
-            "ocicache_served_bytes", "Body bytes sent to clients", ["cache"], registry=r
+            "ocicache_served_bytes", "Body bytes sent to clients", ["cache", "upstream"], registry=r
         )
         self.upstream_gets = Counter(
             "ocicache_upstream_blob_gets",
@@ -33,23 +101,98 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
-        self.fills = Counter("ocicache_fills", "Finished blob downloads by outcome", ["outcome"], registry=r)
-        self.fills_active = Gauge("ocicache_fills_active", "Blob downloads in progress", registry=r)
-        self.cache_bytes = Gauge("ocicache_cache_bytes", "Bytes held in the blob cache", registry=r)
-        self.cache_blobs = Gauge("ocicache_cache_blobs", "Blobs held in the blob cache", registry=r)
-        self.ratelimit_remaining = Gauge(
-            "ocicache_upstream_ratelimit_remaining",
-            "Last ratelimit-remaining an upstream reported",
+        self.upstream_manifest_bytes = Counter(
+            "ocicache_upstream_manifest_bytes",
+            "Manifest bytes received from upstream",
             ["upstream"],
             registry=r,
         )
-
+        self.upstream_seconds = Histogram(
+            "ocicache_upstream_request_seconds",
+            "Time from sending a request upstream to its answer's headers (redirects followed)",
+            ["upstream", "operation"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "ocicache_upstream_errors",
+            "Failed upstream exchanges by cause (refused, timeout, tls, dns, unreachable, reset, "
+            "connection, http_<status>, bad_answer)",
+            ["upstream", "cause"],
+            registry=r,
+        )
+        self.fills = Counter("ocicache_fills", "Finished blob downloads by outcome", ["outcome"], registry=r)
         self.auth_failures = Counter(
             "ocicache_auth_failures",
             "Client logins refused: invalid credentials, or an address out of attempts",
             ["reason"],
             registry=r,
         )
+        self.live = Live()
+        r.register(self.live)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self._view = _WithoutCreated(r)
+        self._children: dict[tuple[str, str, int, str], tuple[Counter, Counter]] = {}
+
+    def count(self, kind: str, cache: str, status: int, upstream: str, sent: int) -> None:
+        """One answered request: the warm paths' whole cost in metrics."""
+        key = (kind, cache, status, upstream)
+        pair = self._children.get(key)
+        if pair is None:
+            pair = self._children[key] = (
+                self.requests.labels(kind, cache, str(status), upstream),
+                self.served_bytes.labels(cache, upstream),
+            )
+        pair[0].inc()
+        if sent:
+            pair[1].inc(sent)
+
+    def totals(self) -> Totals:
+        """Requests and bytes by cache result, and bytes fetched upstream (for people)."""
+        totals = Totals()
+        for metric, into in ((self.requests, totals.requests), (self.served_bytes, totals.bytes)):
+            for family in metric.collect():
+                for s in family.samples:
+                    if s.name.endswith("_total"):
+                        into[s.labels["cache"]] = into.get(s.labels["cache"], 0.0) + s.value
+        for metric in (self.upstream_bytes, self.upstream_manifest_bytes):
+            for family in metric.collect():
+                totals.upstream_bytes += sum(s.value for s in family.samples if s.name.endswith("_total"))
+        return totals
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._view)
+
+
+class UpstreamMetrics:
+    """The upstream layer's :class:`~proxy.upstream.failures.Observer`, into these metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def exchanged(self, upstream: str, operation: str, seconds: float) -> None:
+        self._m.upstream_seconds.labels(upstream, operation).observe(seconds)
+
+    def failed(self, upstream: str, operation: str, cause: Cause) -> None:
+        self._m.upstream_errors.labels(upstream, cause.label).inc()
+
+    def received(self, upstream: str, operation: str, size: int) -> None:
+        if operation != "blob":
+            self._m.upstream_manifest_bytes.labels(upstream).inc(size)
+
+
+def gauge(name: str, documentation: str, value: float, labels: dict[str, str] | None = None) -> Metric:
+    family = GaugeMetricFamily(name, documentation, labels=list(labels or {}))
+    if labels:
+        family.add_metric(list(labels.values()), value)
+    else:
+        family.add_metric([], value)
+    return family
+
+
+def counter(name: str, documentation: str, value: float) -> Metric:
+    family = CounterMetricFamily(name, documentation)
+    family.add_metric([], value)
+    return family

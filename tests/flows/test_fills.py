@@ -77,8 +77,12 @@ async def test_fifty_concurrent_clients_share_one_upstream_get(
     assert fake.count(origin="registry", method="GET", path_contains="/blobs/") == 1
     assert digest in (await proxy.cached())
     metrics = (await (await session.get(f"{proxy.url}/metrics")).read()).decode()
-    assert 'ocicache_requests_total{cache="join",kind="blobs",status="200"} 49.0' in metrics
-    assert 'ocicache_requests_total{cache="miss",kind="blobs",status="200"} 1.0' in metrics
+    assert (
+        'ocicache_requests_total{cache="join",kind="blobs",status="200",upstream="docker.io"} 49.0' in metrics
+    )
+    assert (
+        'ocicache_requests_total{cache="miss",kind="blobs",status="200",upstream="docker.io"} 1.0' in metrics
+    )
 
 
 async def test_headers_and_first_bytes_arrive_before_the_download_ends(

@@ -317,12 +317,20 @@ async def test_rules_without_logins_limit_anonymous_clients(
 
 async def test_public_routes_and_everything_else(start_auth: StartAuth) -> None:
     s = await start_auth()
-    for path in ("/setup/docker", "/setup/containerd?registry=docker.io", "/healthz", "/metrics"):
+    for path in (
+        "/setup/docker",
+        "/setup/containerd?registry=docker.io",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/",
+    ):
         assert (await s.get(s.proxy.url + path))[0] == 200, path
     # Every other route the app has wants a login first, the catch-all too.
     for path in ("/v2/", "/v2/library/app/manifests/v1", "/v2/library/app/tags/list", "/nothing/here"):
         assert (await s.get(s.proxy.url + path))[0] == 401, path
-    public = {"/setup/{client}", "/healthz", "/metrics", "/auth/token"}
+    # The status page is public: what it shows under rules is tested with the page.
+    public = {"/setup/{client}", "/healthz", "/readyz", "/metrics", "/auth/token", "/"}
     protected = {"/v2/", "/v2/{tail}", "/{tail}"}
     assert {r.canonical for r in s.proxy.app.router.resources()} == public | protected
 
