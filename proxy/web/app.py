@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from cachetools import LRUCache
 
 from proxy.core.config import Settings
 from proxy.core.digits import parse_count
@@ -116,6 +117,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=middlewares, client_max_size=64 * 1024)
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = Metrics()
+    app[keys.RESOLVED] = LRUCache(maxsize=8192)
     app.cleanup_ctx.append(_resources)
     if settings.auth.enabled:
         app.cleanup_ctx.append(gate.resources)

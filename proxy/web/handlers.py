@@ -15,8 +15,8 @@ from aiohttp import web
 from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError
 from proxy.core.links import next_link
-from proxy.core.reference import Digest, Kind, parse_path
-from proxy.core.routing import route
+from proxy.core.reference import Digest, Kind, PathRequest, parse_path
+from proxy.core.routing import Route, route
 from proxy.upstream.client import UpstreamClient
 from proxy.web import blobs, keys
 from proxy.web.blobs import API_VERSION
@@ -33,11 +33,8 @@ async def base(request: web.Request) -> web.Response:
 async def registry_api(request: web.Request) -> web.StreamResponse:
     if request.method not in ("GET", "HEAD"):
         raise OciError(Code.UNSUPPORTED, "this proxy serves pulls only", {"method": request.method})
-    parsed = parse_path(request.rel_url.raw_path)
-    settings = request.app[keys.SETTINGS]
-    upstreams = request.app[keys.UPSTREAMS]
-    where = route(parsed.name, request.query.get("ns"), upstreams.keys(), settings.default_upstream.name)
-    client = upstreams[where.upstream]
+    parsed, where = _resolve(request)
+    client = request.app[keys.UPSTREAMS][where.upstream]
     request[keys.KIND] = parsed.kind.value
     if parsed.kind is Kind.MANIFEST:
         assert parsed.reference is not None
@@ -46,6 +43,22 @@ async def registry_api(request: web.Request) -> web.StreamResponse:
         assert isinstance(parsed.reference, Digest)
         return await blobs.blob(request, client, where.repository, parsed.reference)
     return await tags(request, client, where.repository)
+
+
+def _resolve(request: web.Request) -> tuple[PathRequest, Route]:
+    """What the path asks for, and of which upstream and repository. Pulls repeat the same few
+    paths (every node asks for the same image), so answers are remembered by path and ns=;
+    malformed ones raise and are not."""
+    key = (request.rel_url.raw_path, request.query.get("ns"))
+    resolved = request.app[keys.RESOLVED]
+    known = resolved.get(key)
+    if known is None:
+        settings = request.app[keys.SETTINGS]
+        parsed = parse_path(key[0])
+        names = request.app[keys.UPSTREAMS].keys()
+        known = (parsed, route(parsed.name, key[1], names, settings.default_upstream.name))
+        resolved[key] = known
+    return known
 
 
 async def manifest(
