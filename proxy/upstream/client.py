@@ -397,10 +397,16 @@ class UpstreamClient:
             self.report(operation, _host_of(resp.url), failures.bad_answer(err.message))
             raise
 
-    async def open_blob(self, repository: str, digest: Digest, offset: int = 0) -> BlobStream:
-        """Start a blob download at ``offset``. The stream must be closed by the caller."""
+    async def open_blob(
+        self, repository: str, digest: Digest, offset: int = 0, end: int | None = None
+    ) -> BlobStream:
+        """Start a blob download of bytes [``offset``, ``end``) (to the blob's end if ``end`` is
+        None). The stream must be closed by the caller. An upstream may ignore the range and
+        answer from 0 (``stream.start``), or to its end (``stream.end``)."""
         headers = {"Accept-Encoding": "identity"}
-        if offset:
+        if end is not None:
+            headers["Range"] = f"bytes={offset}-{end - 1}"
+        elif offset:
             headers["Range"] = f"bytes={offset}-"
         await self.blob_slots.acquire()
         try:
@@ -414,13 +420,13 @@ class UpstreamClient:
                 operation=failures.BLOB,
             )
             if resp.status == 200:
-                start = 0
-            elif resp.status == 206 and offset:
-                ranged = _content_range_start(resp.headers.get("Content-Range", ""))
-                if ranged is None or ranged > offset:
+                start, stop = 0, None
+            elif resp.status == 206 and "Range" in headers:
+                span = _content_range(resp.headers.get("Content-Range", ""))
+                if span is None or span[0] > offset:
                     resp.release()
                     raise self.bad_answer(failures.BLOB, "bad Content-Range")
-                start = ranged
+                start, stop = span
             else:
                 try:
                     err = await self.refusal(resp, Code.BLOB_UNKNOWN, failures.BLOB)
@@ -430,7 +436,9 @@ class UpstreamClient:
         except BaseException:
             self.blob_slots.release()
             raise
-        return BlobStream(self, resp, start, _total_size(resp, start), self.blob_slots)
+        total = _total_size(resp, start)
+        stream_end = stop if stop is not None else (total if total is not None else -1)
+        return BlobStream(self, resp, start, total, self.blob_slots, end=stream_end, ranged=stop is not None)
 
     async def blob_exists(self, repository: str, digest: Digest) -> bool:
         return await self._exists(f"/v2/{repository}/blobs/{digest}", repository, {})
@@ -514,13 +522,17 @@ def _is_tags_list(body: bytes) -> bool:
     return isinstance(doc, dict) and (doc.get("tags") is None or isinstance(doc["tags"], list))
 
 
-def _content_range_start(value: str) -> int | None:
-    # "bytes 100-199/200"
-    unit, _, rest = value.partition(" ")
-    first, dash, _ = rest.partition("-")
+def _content_range(value: str) -> tuple[int, int] | None:
+    """[first, last + 1) of ``bytes first-last/total``."""
+    unit, _, rest = value.strip().partition(" ")
+    span, _, _ = rest.partition("/")
+    first, dash, last = span.partition("-")
     if unit != "bytes" or not dash:
         return None
-    return parse_count(first)
+    a, b = parse_count(first), parse_count(last)
+    if a is None or b is None or b < a:
+        return None
+    return a, b + 1
 
 
 def _total_size(resp: aiohttp.ClientResponse, start: int) -> int | None:
@@ -540,12 +552,17 @@ class BlobStream:
         start: int,
         total: int | None,
         slots: Slots,
+        *,
+        end: int = -1,
+        ranged: bool = False,
     ) -> None:
         self._upstream = upstream
         self._resp = resp
         self._slots: Slots | None = slots
         self.start = start
         self.total = total
+        self.end = end  # where this answer's bytes stop (exclusive); -1 if upstream did not say
+        self.ranged = ranged  # upstream honoured a Range (206)
 
     async def chunks(self, max_batch: int) -> AsyncIterator[bytes]:
         """Yield the body in pieces of at most about ``max_batch``, joining what is already

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from cachetools import LRUCache
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from proxy.core.config import Settings
@@ -193,6 +194,7 @@ def create_app(settings: Settings, *, prefetch: Prefetcher | None = None) -> web
     app[keys.SAMPLES] = Samples()
     app[keys.PREFETCH] = prefetch
     status.templates(app)
+    app[keys.RESOLVED] = LRUCache(maxsize=8192)
     app.cleanup_ctx.append(_resources)
     if settings.auth.enabled:
         app.cleanup_ctx.append(gate.resources)

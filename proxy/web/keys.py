@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
+from cachetools import LRUCache
 
 from proxy.core.config import Settings
+from proxy.core.reference import PathRequest
+from proxy.core.routing import Route
 from proxy.flows.access import Access
 from proxy.flows.engine import Engine
 from proxy.flows.fills import Fills
@@ -40,6 +43,9 @@ SAMPLES: Final = web.AppKey("samples", Samples)
 JOBS: Final[web.AppKey[Jobs]] = web.AppKey("jobs")
 # The air-gap layer's prefetch, handed in by whoever builds the app (None: not available).
 PREFETCH: Final[web.AppKey[Prefetcher | None]] = web.AppKey("prefetch")
+# (raw path, ns) -> what it asks for and of which upstream: a pure function of the key, for
+# one app (its upstreams are fixed), remembered because pulls repeat the same few paths.
+RESOLVED: Final = web.AppKey("resolved", LRUCache[tuple[str, str | None], tuple[PathRequest, Route]])
 # Only when auth: is configured.
 GUARD: Final[web.AppKey[Guard]] = web.AppKey("guard")
 

@@ -35,7 +35,7 @@ LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 # Cache results a request was answered from without upstream's bytes.
 FROM_CACHE: Final = frozenset({"hit", "stale", "revalidated", "offline"})
 # ... and those that needed them.
-FROM_UPSTREAM: Final = frozenset({"miss", "join", "pass", "uncached"})
+FROM_UPSTREAM: Final = frozenset({"miss", "join", "pass", "uncached", "lazy"})
 
 
 class Totals:

@@ -35,7 +35,9 @@ async def test_the_series_an_operator_needs(
     other_digest = fake.add_blob(other)
     proxy = await start_proxy({"docker.io": fake.url}, max_cache_bytes=40_000, low_watermark=0.5)
     for _ in range(2):
-        async with session.get(f"{proxy.url}/v2/library/app/manifests/v1", headers={"Accept": MANIFEST_ACCEPT}) as r:
+        async with session.get(
+            f"{proxy.url}/v2/library/app/manifests/v1", headers={"Accept": MANIFEST_ACCEPT}
+        ) as r:
             assert r.status == 200
     for digest in (image.layers[0].digest, other_digest):
         async with session.get(f"{proxy.url}/v2/library/app/blobs/{digest}") as r:
@@ -53,8 +55,12 @@ async def test_the_series_an_operator_needs(
     assert by_result[("miss", "docker.io")] == 3 and by_result[("hit", "docker.io")] == 1
     operations = {labels["operation"] for labels, _ in m["ocicache_upstream_request_seconds_count"]}
     assert {"manifest", "blob"} <= operations
-    assert all(labels["upstream"] == "docker.io" for labels, _ in m["ocicache_upstream_request_seconds_bucket"])
-    assert m["ocicache_upstream_manifest_bytes_total"] == [({"upstream": "docker.io"}, float(len(image.manifest)))]
+    assert all(
+        labels["upstream"] == "docker.io" for labels, _ in m["ocicache_upstream_request_seconds_bucket"]
+    )
+    assert m["ocicache_upstream_manifest_bytes_total"] == [
+        ({"upstream": "docker.io"}, float(len(image.manifest)))
+    ]
     for name in (
         "process_resident_memory_bytes",
         "process_open_fds",
@@ -66,4 +72,9 @@ async def test_the_series_an_operator_needs(
         "ocicache_purges_total",
     ):
         assert name in m, name
-    assert {labels["state"] for labels, _ in m["ocicache_prefetch_jobs"]} >= {"queued", "running", "done", "failed"}
+    assert {labels["state"] for labels, _ in m["ocicache_prefetch_jobs"]} >= {
+        "queued",
+        "running",
+        "done",
+        "failed",
+    }
