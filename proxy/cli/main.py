@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 
 from proxy import __version__
+from proxy.cli import pin
 from proxy.cli.logs import configure
 from proxy.core import listenaddr
 from proxy.core.authconfig import TlsConfig
@@ -85,6 +86,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--config", type=Path, help="YAML config file (for cache_dir)")
     v.add_argument("--cache-dir", metavar="DIR", help="cache directory (default ~/.cache/ocicache)")
     v.add_argument("--keep", action="store_true", help="only report bad blobs, remove nothing")
+    pin.add_parsers(sub)
     return p
 
 
@@ -190,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "verify":
             return run_verify(settings, keep=ns.keep)
+        if ns.command in ("pin", "unpin"):
+            return pin.run(ns.command, ns, settings)
         ssl_context = tls.server_context(settings.tls) if settings.tls is not None else None
         if ns.event_loop == "uvloop":
             import uvloop
