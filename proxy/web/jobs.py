@@ -57,13 +57,17 @@ class BlobProgress:
 
 
 class Progress(Protocol):
-    """What a prefetch tells about each blob as it goes."""
+    """What a prefetch tells as it goes (the air-gap layer's ``PrefetchProgress``)."""
 
-    def started(self, digest: str, size: int | None) -> None: ...
+    def blob_started(self, reference: ImageRef, digest: str, size: int | None) -> None: ...
 
-    def advanced(self, digest: str, done: int) -> None: ...
+    def blob_advanced(self, digest: str, received: int) -> None: ...
 
-    def finished(self, digest: str, *, error: str | None = None, cached: bool = False) -> None: ...
+    def blob_finished(self, digest: str, size: int, *, fetched: bool) -> None: ...
+
+    def blob_failed(self, digest: str, reason: str) -> None: ...
+
+    def reference_finished(self, outcome: Any) -> None: ...
 
 
 class Prefetcher(Protocol):
@@ -72,7 +76,7 @@ class Prefetcher(Protocol):
         engine: Engine,
         references: list[ImageRef],
         *,
-        platforms: list[str] | None = None,
+        platforms: frozenset[str] | None = None,
         progress: Any = None,
     ) -> Awaitable[Any]: ...
 
@@ -87,6 +91,8 @@ class Job:
     started: float | None = None
     finished: float | None = None
     blobs: dict[str, BlobProgress] = field(default_factory=dict)
+    # Each reference's outcome as it finishes (the report's, before the whole job ends).
+    done_references: list[Any] = field(default_factory=list)
     outcome: Any = None
     error: str | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
@@ -110,6 +116,7 @@ class Job:
             "bytes_done": sum(b.done for b in self.blobs.values()),
             "bytes_expected": sum(b.size or 0 for b in self.blobs.values()),
             "blobs": {d: dataclasses.asdict(b) for d, b in self.blobs.items()},
+            "references_done": self.done_references,
             "outcome": self.outcome,
             "error": self.error,
         }
@@ -128,32 +135,39 @@ class JobProgress:
             entry = blobs[digest] = BlobProgress()
         return entry
 
-    def started(self, digest: str, size: int | None) -> None:
+    def blob_started(self, reference: ImageRef, digest: str, size: int | None) -> None:
         entry = self._blob(digest)
         if entry is not None:
             entry.size = size
             entry.state = "running"
 
-    def advanced(self, digest: str, done: int) -> None:
+    def blob_advanced(self, digest: str, received: int) -> None:
         entry = self._blob(digest)
         if entry is not None:
-            entry.done = done
+            entry.done += received
 
-    def finished(self, digest: str, *, error: str | None = None, cached: bool = False) -> None:
+    def blob_finished(self, digest: str, size: int, *, fetched: bool) -> None:
         entry = self._blob(digest)
-        if entry is None:
-            return
-        if error is not None:
-            entry.state, entry.error = "failed", error[:300]
-        else:
-            entry.state = "cached" if cached else "done"
-            if entry.size is not None:
-                entry.done = entry.size
+        if entry is not None:
+            entry.state = "done" if fetched else "cached"
+            entry.size = entry.done = size
+
+    def blob_failed(self, digest: str, reason: str) -> None:
+        entry = self._blob(digest)
+        if entry is not None:
+            entry.state, entry.error = "failed", reason[:300]
+
+    def reference_finished(self, outcome: Any) -> None:
+        if len(self._job.done_references) < MAX_BLOBS_SHOWN:
+            self._job.done_references.append(outcome_of(outcome))
 
 
 def outcome_of(report: Any) -> Any:
-    """A prefetch report as JSON values: a dataclass field by field, anything else as text."""
-    if dataclasses.is_dataclass(report) and not isinstance(report, type):
+    """A prefetch report as JSON values: its ``as_dict()``, else a dataclass field by field;
+    what JSON has no type for as text."""
+    if callable(getattr(report, "as_dict", None)):
+        report = report.as_dict()
+    elif dataclasses.is_dataclass(report) and not isinstance(report, type):
         report = dataclasses.asdict(report)
     return json.loads(json.dumps(report, default=str))
 
@@ -173,6 +187,7 @@ class Jobs:
         return self._prefetch is not None
 
     def submit(self, references: Sequence[ImageRef], platforms: list[str] | None) -> Job:
+        """Queue a job; raises UNSUPPORTED without a prefetch, UNAVAILABLE when too many wait."""
         if self._prefetch is None:
             raise OciError(Code.UNSUPPORTED, "prefetch is not available in this server")
         waiting = sum(1 for j in self._jobs.values() if j.state is JobState.QUEUED)
@@ -216,7 +231,12 @@ class Jobs:
         refs = self._refs.pop(job.id, [])
         try:
             self._current = asyncio.ensure_future(
-                self._prefetch(self._engine, refs, platforms=job.platforms, progress=job.progress)
+                self._prefetch(
+                    self._engine,
+                    refs,
+                    platforms=None if job.platforms is None else frozenset(job.platforms),
+                    progress=job.progress,
+                )
             )
             report = await self._current
             job.outcome = outcome_of(report)

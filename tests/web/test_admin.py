@@ -289,26 +289,27 @@ class Scripted:
     def __init__(self) -> None:
         self.halfway = asyncio.Event()
         self.go = asyncio.Event()
-        self.calls: list[tuple[list[str], list[str] | None]] = []
+        self.calls: list[tuple[list[str], frozenset[str] | None]] = []
 
     async def __call__(
         self,
         engine: Engine,
         references: list[ImageRef],
         *,
-        platforms: list[str] | None = None,
+        platforms: frozenset[str] | None = None,
         progress: Any = None,
     ) -> FakeReport:
         assert isinstance(engine, Engine)
         self.calls.append(([str(r) for r in references], platforms))
         sink: Progress = progress
-        sink.started("sha256:" + "a" * 64, 100)
-        sink.advanced("sha256:" + "a" * 64, 40)
-        sink.started("sha256:" + "b" * 64, 50)
-        sink.finished("sha256:" + "b" * 64, cached=True)
+        sink.blob_started(references[0], "sha256:" + "a" * 64, 100)
+        sink.blob_advanced("sha256:" + "a" * 64, 30)
+        sink.blob_advanced("sha256:" + "a" * 64, 10)
+        sink.blob_finished("sha256:" + "b" * 64, 50, fetched=False)
+        sink.reference_finished({"reference": str(references[1]), "ok": True})
         self.halfway.set()
         await self.go.wait()
-        sink.finished("sha256:" + "a" * 64)
+        sink.blob_finished("sha256:" + "a" * 64, 100, fetched=True)
         return FakeReport([str(r) for r in references], 2)
 
 
@@ -335,6 +336,7 @@ async def test_prefetch_job_progress_and_outcome(
         "error": None,
     }
     assert running["blobs"]["sha256:" + "b" * 64]["state"] == "cached"
+    assert running["references_done"] == [{"reference": "docker.io/library/busybox:latest", "ok": True}]
     assert (running["blobs_done"], running["blobs_total"]) == (1, 2)
     metrics = (await (await session.get(f"{proxy.url}/metrics")).read()).decode()
     assert 'ocicache_prefetch_jobs{state="running"} 1.0' in metrics
@@ -347,7 +349,7 @@ async def test_prefetch_job_progress_and_outcome(
         "blobs": 2,
     }
     assert scripted.calls == [
-        (["docker.io/library/alpine:3.20", "docker.io/library/busybox:latest"], ["linux/amd64"])
+        (["docker.io/library/alpine:3.20", "docker.io/library/busybox:latest"], frozenset({"linux/amd64"}))
     ]
     _, listed = await call(session, "GET", f"{proxy.url}/admin/v1/jobs")
     assert [j["id"] for j in listed["jobs"]] == [body["id"]]
@@ -395,3 +397,42 @@ async def test_a_body_that_arrives_in_pieces_is_read_whole() -> None:
     stream.feed_data(body[10:])
     stream.feed_eof()
     assert await reading == {"references": ["alpine:3.20", "busybox"]}
+
+
+async def test_a_flood_of_prefetch_jobs_is_bounded(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    from proxy.web.jobs import MAX_QUEUED
+
+    scripted = Scripted()  # the first job holds the runner until told to go
+    proxy = await start_proxy({"docker.io": fake.url}, admin_token=TOKEN, prefetch=scripted)
+    url = f"{proxy.url}/admin/v1/prefetch"
+    assert (await call(session, "POST", url, json={"references": ["alpine", "busybox"]}))[0] == 202
+    await scripted.halfway.wait()
+    for _ in range(MAX_QUEUED):
+        assert (await call(session, "POST", url, json={"references": ["alpine", "busybox"]}))[0] == 202
+    status, body = await call(session, "POST", url, json={"references": ["alpine", "busybox"]})
+    assert status == 503 and body["errors"][0]["code"] == "UNAVAILABLE"
+    scripted.go.set()
+
+
+async def test_prefetch_without_a_prefetcher_is_refused(admin: Proxy, session: aiohttp.ClientSession) -> None:
+    status, body = await call(
+        session, "POST", f"{admin.url}/admin/v1/prefetch", json={"references": ["alpine"]}
+    )
+    assert status == 405 and body["errors"][0]["code"] == "UNSUPPORTED"
+
+
+async def test_a_purge_under_a_running_download_leaves_that_client_whole(
+    admin: Proxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    image = make_image(layer_sizes=(8 * 1024 * 1024,), seed=5)
+    fake.add_image("library/app", image, tag="v1")
+    await pull(session, admin, "library/app", "v1", image)
+    layer = image.layers[0]
+    async with session.get(f"{admin.url}/v2/library/app/blobs/{layer.digest}") as resp:
+        first = await resp.content.readexactly(64 * 1024)
+        status, body = await call(session, "DELETE", f"{admin.url}/admin/v1/images/app:v1")
+        assert status == 200 and layer.digest not in await admin.cached()
+        rest = await resp.read()
+    assert hashlib.sha256(first + rest).hexdigest() == layer.digest.split(":")[1]
