@@ -313,6 +313,20 @@ class Scripted:
         return FakeReport([str(r) for r in references], 2)
 
 
+async def halfway(scripted: Scripted, proxy: Proxy, job_id: str) -> None:
+    """Wait until the scripted prefetch is half done; fail, not hang, if the job ends first."""
+    job = proxy.app[keys.JOBS].get(job_id)
+    assert job is not None
+    waits = [asyncio.ensure_future(scripted.halfway.wait()), asyncio.ensure_future(job.ended.wait())]
+    try:
+        async with asyncio.timeout(120):  # a bound, not a measurement
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    assert scripted.halfway.is_set(), job.to_json()
+
+
 async def test_prefetch_job_progress_and_outcome(
     start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
 ) -> None:
@@ -326,7 +340,7 @@ async def test_prefetch_job_progress_and_outcome(
     )
     assert status == 202
     job_url = f"{proxy.url}{body['url']}"
-    await scripted.halfway.wait()
+    await halfway(scripted, proxy, body["id"])
     _, running = await call(session, "GET", job_url)
     assert running["state"] == "running"
     assert running["blobs"]["sha256:" + "a" * 64] == {
@@ -407,8 +421,9 @@ async def test_a_flood_of_prefetch_jobs_is_bounded(
     scripted = Scripted()  # the first job holds the runner until told to go
     proxy = await start_proxy({"docker.io": fake.url}, admin_token=TOKEN, prefetch=scripted)
     url = f"{proxy.url}/admin/v1/prefetch"
-    assert (await call(session, "POST", url, json={"references": ["alpine", "busybox"]}))[0] == 202
-    await scripted.halfway.wait()
+    status, first = await call(session, "POST", url, json={"references": ["alpine", "busybox"]})
+    assert status == 202
+    await halfway(scripted, proxy, first["id"])
     for _ in range(MAX_QUEUED):
         assert (await call(session, "POST", url, json={"references": ["alpine", "busybox"]}))[0] == 202
     status, body = await call(session, "POST", url, json={"references": ["alpine", "busybox"]})
@@ -432,7 +447,7 @@ async def test_a_purge_under_a_running_download_leaves_that_client_whole(
     layer = image.layers[0]
     async with session.get(f"{admin.url}/v2/library/app/blobs/{layer.digest}") as resp:
         first = await resp.content.readexactly(64 * 1024)
-        status, body = await call(session, "DELETE", f"{admin.url}/admin/v1/images/app:v1")
+        status, _body = await call(session, "DELETE", f"{admin.url}/admin/v1/images/app:v1")
         assert status == 200 and layer.digest not in await admin.cached()
         rest = await resp.read()
     assert hashlib.sha256(first + rest).hexdigest() == layer.digest.split(":")[1]
