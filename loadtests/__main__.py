@@ -17,7 +17,7 @@ from typing import Final
 
 from loadtests import chart
 from loadtests.harness import DEFAULT_DEADLINE, QUICK_DEADLINE, Options, run
-from loadtests.placement import NAMES
+from loadtests.placement import ALL_NAMES, NAMES
 from loadtests.report import Report
 from loadtests.scenarios import ALL
 from loadtests.servers import ROOT
@@ -32,7 +32,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default="", help="comma-separated scenario names (default: all; see --list)")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     p.add_argument(
-        "--placements", default=",".join(NAMES), help=f"CPU placements (default {','.join(NAMES)})"
+        "--placements",
+        default=",".join(NAMES),
+        help=f"CPU placements, of {', '.join(ALL_NAMES)} (default {','.join(NAMES)})",
     )
     p.add_argument(
         "--deadline",
@@ -59,11 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = p.parse_args(argv)
     if ns.list:
         for sc in ALL:
-            print(f"{sc.name:14} {sc.title}")
+            print(f"{sc.name:14} {sc.title}{'' if sc.default else ' (only with --only)'}")
         return 0
     placements = tuple(x for x in ns.placements.split(",") if x)
-    if not placements or any(x not in NAMES for x in placements):
-        p.error(f"--placements takes {', '.join(NAMES)}")
+    if not placements or any(x not in ALL_NAMES for x in placements):
+        p.error(f"--placements takes {', '.join(ALL_NAMES)}")
     deadline = ns.deadline if ns.deadline is not None else QUICK_DEADLINE if ns.quick else DEFAULT_DEADLINE
     if not 10 <= deadline <= 3600:
         p.error("--deadline must be between 10 and 3600 seconds")

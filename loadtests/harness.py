@@ -100,6 +100,7 @@ class Scenario:
     name: str
     title: str  # what it measures, in one line
     run: Callable[[Context], Awaitable[None]]
+    default: bool = True  # False: run only when named (--only), a closer look at one question
 
 
 async def measure(
@@ -146,12 +147,12 @@ def machine_info() -> dict[str, str]:
 async def run(
     options: Options, scenarios: Sequence[Scenario], out: Path, say: Callable[[str], None] = lambda _msg: None
 ) -> Report:
-    """Run the scenarios named in ``options`` (all by default) and return the report."""
+    """Run the scenarios named in ``options`` (by default, every default one) and return the report."""
     known = {s.name for s in scenarios}
     unknown = [n for n in options.only if n not in known]
     if unknown:
         raise ValueError(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    chosen = [s for s in scenarios if not options.only or s.name in options.only]
+    chosen = [s for s in scenarios if s.name in options.only or (not options.only and s.default)]
     places = [placement(name) for name in options.placements]
     report = Report(
         started=time.strftime("%Y-%m-%d %H:%M:%S %z"),

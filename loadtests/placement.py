@@ -4,7 +4,8 @@ On a machine of two cores, where the client and the servers run decides much of 
 throughput figure means. ``unpinned`` leaves them to the scheduler: a server that spends less CPU
 per byte leaves more to the client, and the client is often the bottleneck. ``split`` pins the
 servers to one core and the client to the other: each side then has one core, whatever the
-other spends. Every figure the harness reports names its placement.
+other spends. ``server-pinned`` pins the servers to one core and leaves the client free to use
+both. Every figure the harness reports names its placement.
 
 Servers are placed while they run (every thread of every process, so the workers nginx forked
 and the threads Go or a thread pool started are placed too); new threads inherit the placement of
@@ -22,7 +23,10 @@ from typing import Final
 
 UNPINNED: Final = "unpinned"
 SPLIT: Final = "split"
+SERVER_PINNED: Final = "server-pinned"
+# The harness's default placements; server-pinned is there for the placement question.
 NAMES: Final = (UNPINNED, SPLIT)
+ALL_NAMES: Final = (UNPINNED, SPLIT, SERVER_PINNED)
 
 
 def usable_cpus() -> frozenset[int]:
@@ -66,7 +70,9 @@ def placement(name: str) -> Placement:
             raise ValueError("the split placement needs two CPUs")
         # The first CPU for the servers, the last for the client: on two cores, one each.
         return Placement(SPLIT, frozenset(cpus[:1]), frozenset(cpus[-1:]))
-    raise ValueError(f"unknown placement {name!r}; known: {', '.join(NAMES)}")
+    if name == SERVER_PINNED:
+        return Placement(SERVER_PINNED, frozenset(cpus[:1]), None)
+    raise ValueError(f"unknown placement {name!r}; known: {', '.join(ALL_NAMES)}")
 
 
 def threads_of(pid: int) -> list[int]:
