@@ -73,3 +73,13 @@ def test_list_names_every_scenario(capsys: pytest.CaptureFixture[str]) -> None:
     shown = capsys.readouterr().out
     for sc in ALL:
         assert sc.name in shown
+
+
+def test_a_run_past_its_deadline_skips_what_is_left_and_says_so(tmp_path: Path) -> None:
+    # Less than a scenario's minimum is left from the start: nothing is started, all is reported.
+    code = main(["--quick", "--deadline", "10", "--out", str(tmp_path), "--workdir", str(tmp_path / "work")])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert code == 1
+    assert {o["status"] for o in data["outcomes"]} == {"skipped"}
+    assert [o["name"] for o in data["outcomes"]] == [s.name for s in ALL if s.default]
+    assert data["rows"] == [] and data["samples"] == []
