@@ -22,8 +22,9 @@ ROW_HEIGHT: Final = 0.32  # inches per bar
 
 
 def label(row: Row) -> str:
-    against = f"{row.subject} vs {row.baseline}"
-    return f"{row.scenario}: {row.case}, {row.metric} — {against} [{row.client}, {row.placement}]"
+    subject = "" if row.subject == "ocicache" else f"{row.subject} "
+    where = f"[{row.client}, {row.placement}]"
+    return f"{row.scenario}: {row.case}, {row.metric}, {subject}vs {row.baseline} {where}"
 
 
 def target_advantage(row: Row) -> float | None:
@@ -41,7 +42,7 @@ def draw(rows: Sequence[Row], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     shown = [r for r in rows if r.advantage is not None]
-    fig, ax = plt.subplots(figsize=(13, 1.5 + ROW_HEIGHT * max(1, len(shown))))
+    fig, ax = plt.subplots(figsize=(15, 1.5 + ROW_HEIGHT * max(1, len(shown))))
     try:
         ys = list(range(len(shown)))[::-1]
         values = [r.advantage or 0.0 for r in shown]
@@ -64,7 +65,10 @@ def draw(rows: Sequence[Row], path: Path, title: str) -> None:
             ax.set_xscale("log")
         ax.set_xlabel("advantage over the baseline (ratio, inverted where lower is better; > 1: better)")
         ax.set_title(title, fontsize=10)
-        fig.tight_layout()
+        # Room on the left for the long row labels, which tight_layout would cut.
+        fig.subplots_adjust(
+            left=0.45, right=0.97, top=1 - 0.6 / fig.get_figheight(), bottom=0.8 / fig.get_figheight()
+        )
         fig.savefig(path, dpi=110)
     finally:
         plt.close(fig)
