@@ -4,6 +4,7 @@ served in-process on a loopback port (so real clients, run as subprocesses, can 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,15 +14,24 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.web_runner import BaseRunner
 
 from proxy.cli.logs import configure
 from proxy.core.config import Settings, UpstreamConfig
 from proxy.web import keys
 from proxy.web.app import create_app
+from proxy.web.runner import AppRunner
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.registry import Registry, running_registry
 
 configure("warning", "console")
+
+
+class ProxyTestServer(TestServer):
+    """aiohttp's test server with ocicache's own runner (see proxy/web/runner.py)."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return AppRunner(self.app, **kwargs)
 
 
 @dataclass
@@ -31,7 +41,7 @@ class Proxy:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.port}"
+        return f"{self.server.scheme}://127.0.0.1:{self.server.port}"
 
     @property
     def host(self) -> str:
@@ -47,7 +57,7 @@ class Proxy:
         await self.app[keys.FILLS].settled()
         await self.app[keys.CACHE].settled()  # and the eviction a commit may have started
         storage = self.app[keys.STORAGE]
-        return {str(b.digest) for b in storage.scan()}
+        return {b.digest for b in storage.scan()}
 
     def temp_files(self) -> list[Path]:
         return list(self.app[keys.STORAGE].tmp.iterdir())
@@ -70,13 +80,14 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
         *,
         settings: Settings | None = None,
         cache_dir: Path | None = None,
+        ssl_context: ssl.SSLContext | None = None,
         **overrides: Any,
     ) -> Proxy:
         if settings is None:
             assert upstreams is not None
             settings = make_settings(cache_dir or tmp_path / "cache", upstreams, **overrides)
-        server = TestServer(create_app(settings), host="127.0.0.1", port=0)
-        await server.start_server()
+        server = ProxyTestServer(create_app(settings), host="127.0.0.1", port=0)
+        await server.start_server(ssl=ssl_context)
         servers.append(server)
         return Proxy(server, settings)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,10 +16,15 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.cli.logs import configure
-from proxy.core.config import ConfigError, Settings, load
+from proxy.core.authconfig import TlsConfig
+from proxy.core.config import Settings, load
+from proxy.core.configvalues import ConfigError
+from proxy.store.lock import CacheBusy, CacheLock
 from proxy.store.storage import Storage
 from proxy.store.verify import verify
+from proxy.web import tls
 from proxy.web.app import create_app
+from proxy.web.runner import AppRunner
 
 log = structlog.get_logger("ocicache")
 
@@ -50,6 +56,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--max-cache-size", metavar="SIZE", help="disk budget for blobs, e.g. 50GiB (default 20GiB)"
     )
+    s.add_argument(
+        "--offline",
+        action="store_const",
+        const=True,
+        help="never connect to any upstream: serve what the cache holds, whatever its age",
+    )
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
     s.add_argument("--log-format", choices=("json", "console"), help="default json")
     s.add_argument(
@@ -80,6 +92,7 @@ def _flags(ns: argparse.Namespace) -> dict[str, Any]:
         "max_cache_size": "max_cache_size",
         "log_level": "log_level",
         "log_format": "log_format",
+        "offline": "offline",
     }
     return {key: getattr(ns, attr, None) for key, attr in names.items()}
 
@@ -89,32 +102,66 @@ def run_verify(settings: Settings, *, keep: bool) -> int:
     if not storage.blobs.is_dir():
         print(f"ocicache: no cache at {settings.cache_dir}", file=sys.stderr)
         return 2
-    report = verify(storage, remove=not keep)
+    # It removes files: nobody else may be writing. The catalogue drops their rows at the
+    # next start (a row without a file).
+    with CacheLock(settings.cache_dir):
+        report = verify(storage, remove=not keep)
     for digest in report.bad:
         print(f"bad: {digest}" + ("" if keep else " (removed)"))
     print(f"checked {report.checked} blobs, {report.bytes} bytes; {len(report.bad)} bad")
     return 1 if report.bad else 0
 
 
-async def serve(settings: Settings) -> None:
+async def reload_tls(ctx: ssl.SSLContext, cfg: TlsConfig) -> None:
+    """SIGHUP: the renewed certificate for new connections; open ones keep theirs."""
+    try:
+        await asyncio.to_thread(tls.check, cfg)
+        tls.reload(ctx, cfg)
+    except ConfigError as exc:
+        log.error("tls_reload_failed", error=str(exc), kept="previous certificate")
+        print(f"ocicache: TLS reload failed, still serving the previous certificate: {exc}", flush=True)
+        return
+    log.info("tls_reloaded", cert=str(cfg.cert))
+    print(f"ocicache: reloaded TLS certificate {cfg.cert}", flush=True)
+
+
+async def serve(settings: Settings, ssl_context: ssl.SSLContext | None = None) -> None:
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, settings.listen_host, settings.listen_port, backlog=1024)
+    site = web.TCPSite(
+        runner, settings.listen_host, settings.listen_port, backlog=1024, ssl_context=ssl_context
+    )
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        if ssl_context is None or settings.tls is None:
+            log.info("sighup_ignored", reason="no tls: configured; credential files reload by themselves")
+            return
+        task = loop.create_task(reload_tls(ssl_context, settings.tls))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    scheme = "https" if ssl_context is not None else "http"
     for host, port, *_ in runner.addresses:
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
         log.info(
             "listening",
-            url=f"http://{shown}:{port}",
+            url=f"{scheme}://{shown}:{port}",
             cache_dir=str(settings.cache_dir),
+            offline=settings.offline,
             upstreams={u.name: u.url for u in settings.upstreams},
         )
-        print(f"ocicache listening on http://{shown}:{port} (cache: {settings.cache_dir})", flush=True)
+        mode = ", offline: no upstream is contacted" if settings.offline else ""
+        print(
+            f"ocicache listening on {scheme}://{shown}:{port} (cache: {settings.cache_dir}{mode})", flush=True
+        )
     try:
         await stop.wait()
     finally:
@@ -130,15 +177,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ocicache: config error: {exc}", file=sys.stderr)
         return 2
     configure(settings.log_level, settings.log_format)
-    if ns.command == "verify":
-        return run_verify(settings, keep=ns.keep)
     try:
+        if ns.command == "verify":
+            return run_verify(settings, keep=ns.keep)
+        ssl_context = tls.server_context(settings.tls) if settings.tls is not None else None
         if ns.event_loop == "uvloop":
             import uvloop
 
-            uvloop.run(serve(settings))
+            uvloop.run(serve(settings, ssl_context))
         else:
-            asyncio.run(serve(settings))
+            asyncio.run(serve(settings, ssl_context))
+    except ConfigError as exc:  # a file that went bad between reading the settings and serving
+        print(f"ocicache: config error: {exc}", file=sys.stderr)
+        return 2
+    except CacheBusy as exc:
+        print(f"ocicache: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"ocicache: cannot serve: {exc}", file=sys.stderr)
         return 1

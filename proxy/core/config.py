@@ -17,11 +17,22 @@ from typing import Any, Final
 import yaml
 from yarl import URL
 
-
-class ConfigError(ValueError):
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
+from proxy.core.authconfig import AuthConfig, TlsConfig, check_rule_upstreams, parse_auth, parse_tls
+from proxy.core.configvalues import (
+    ConfigError,
+    parse_bool,
+    parse_choice,
+    parse_fraction,
+    parse_int,
+    parse_listen,
+    parse_optional_seconds,
+    parse_path,
+    parse_seconds,
+    parse_size,
+    parse_text,
+    parse_ttl,
+)
+from proxy.core.imageref import BadReference, parse_image_reference
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +48,19 @@ class UpstreamConfig:
     credential_ttl: float = 600.0
     # Token realms on hosts other than the upstream's own domain that we agree to send credentials to.
     realm_hosts: tuple[str, ...] = ()
+    # This upstream's tag TTL, instead of the global one (None: the global; see Settings.ttl_for).
+    tag_ttl: float | None = None
+    tag_ttl_forever: bool = False
+    # When upstream answers 404 for a tag we hold, keep serving ours (with a warning).
+    keep_deleted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TagRule:
+    """Tags whose name matches ``pattern`` (whole) are trusted for ``ttl`` seconds, or forever."""
+
+    pattern: re.Pattern[str]
+    ttl: float | None
 
 
 # The registries people pull from most, at their real API endpoints. The first is the default
@@ -63,10 +87,21 @@ class Settings:
     listen_port: int = 5000
     cache_dir: Path = field(default_factory=default_cache_dir)
     upstreams: tuple[UpstreamConfig, ...] = DEFAULT_UPSTREAMS
-    # How long a tag -> digest answer is trusted before upstream is asked again.
-    tag_ttl: float = 60.0
-    # Disk budget for cached blobs; eviction (least recently used first) keeps below it.
+    # How long a tag -> digest answer is trusted before upstream is asked again (None: forever).
+    tag_ttl: float | None = 60.0
+    # First match wins; then the upstream's tag_ttl; then tag_ttl.
+    tag_rules: tuple[TagRule, ...] = ()
+    # Never open a connection to any upstream; serve what the cache holds, whatever its age.
+    offline: bool = False
+    # Image references whose index, manifests, configs and layers are never evicted.
+    pins: tuple[str, ...] = ()
+    # Disk budget for cached blobs; eviction (least recently used first) keeps below it:
+    # it starts above high_watermark of the budget and stops below low_watermark.
     max_cache_bytes: int = 20 * 1024**3
+    high_watermark: float = 1.0
+    low_watermark: float = 0.9
+    # Files nobody asked for in this long are removed (None: never).
+    max_unused: float | None = None
     manifest_timeout: float = 30.0
     blob_connect_timeout: float = 15.0
     # A blob download that receives nothing for this long is broken and resumed.
@@ -76,10 +111,24 @@ class Settings:
     tags_page_max: int = 1000
     # When every client of a download has left: finish it to warm the cache (False) or stop.
     cancel_abandoned_fills: bool = False
+    # Blob downloads open at once per upstream; more wait their turn (never time out waiting).
+    upstream_blob_connections: int = 64
+    # A cold blob larger than the threshold is fetched as this many ranged GETs at once
+    # (1: one stream). Each counts against upstream_blob_connections.
+    fill_connections: int = 4
+    parallel_fill_threshold: int = 32 * 1024 * 1024
+    # A range request for bytes this far beyond what a download has reached gets them from a
+    # ranged upstream request of its own (lazy pullers), instead of waiting.
+    lazy_range_gap: int = 8 * 1024 * 1024
+    # A Range request during a download is answered as the bytes arrive, before the digest is
+    # checked (what lazy pullers need), unless this makes it wait for the verified whole.
+    verified_ranges_only: bool = False
     log_level: str = "info"
     log_format: str = "json"
     # A Docker config.json whose "auths" supply credentials to upstreams that have none.
     docker_config: Path | None = None
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig | None = None
 
     @property
     def default_upstream(self) -> UpstreamConfig:
@@ -91,116 +140,103 @@ class Settings:
                 return up
         return None
 
+    def ttl_for(self, upstream: UpstreamConfig, tag: str) -> float | None:
+        """Seconds a tag's answer is trusted; None for forever."""
+        for rule in self.tag_rules:
+            if rule.pattern.fullmatch(tag):
+                return rule.ttl
+        if upstream.tag_ttl_forever:
+            return None
+        return upstream.tag_ttl if upstream.tag_ttl is not None else self.tag_ttl
+
 
 # --- parsing of single values; each raises ConfigError naming the key -------------------------
 
-_SIZE_UNITS: Final = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "kib": 1024,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "mib": 1024**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "gib": 1024**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "tib": 1024**4,
-}
 _UPSTREAM_NAME: Final = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]{1,5})?|_default")
 
 
-def parse_size(key: str, value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
-    if m is None or m.group(2).lower() not in _SIZE_UNITS:
-        raise ConfigError(key, f"not a size: {value!r} (e.g. 500MiB, 20GiB)")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+def parse_budget(key: str, value: Any) -> int:
+    size = parse_size(key, value)
+    if size == 0:
+        # People read 0 as "unlimited"; it would mean caching nothing at all.
+        raise ConfigError(key, "0 would cache nothing; for no limit of its own, give the disk's size")
+    return size
 
 
-def parse_seconds(key: str, value: Any) -> float:
-    try:
-        text = str(value).strip()
-        scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-        for suffix in ("ms", "s", "m", "h"):
-            if text.endswith(suffix):
-                result = float(text[: -len(suffix)]) * scale[suffix]
-                break
-        else:
-            result = float(text)
-    except ValueError:
-        raise ConfigError(key, f"not a duration: {value!r} (e.g. 60, 60s, 5m)") from None
-    if result < 0:
-        raise ConfigError(key, "must not be negative")
-    return result
+def parse_tag_rules(key: str, value: Any) -> tuple[TagRule, ...]:
+    if not isinstance(value, list | tuple):
+        raise ConfigError(key, "expected a list of {pattern: REGEX, ttl: DURATION|forever}")
+    rules = []
+    for i, item in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(item, Mapping) or set(item) != {"pattern", "ttl"}:
+            raise ConfigError(where, "expected {pattern: REGEX, ttl: DURATION|forever}")
+        try:
+            pattern = re.compile(parse_text(f"{where}.pattern", item["pattern"]))
+        except re.error as exc:
+            raise ConfigError(f"{where}.pattern", f"not a regular expression: {exc}") from None
+        rules.append(TagRule(pattern, parse_ttl(f"{where}.ttl", item["ttl"])))
+    return tuple(rules)
 
 
-def parse_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(key, f"not a boolean: {value!r}")
-
-
-def parse_int(key: str, value: Any) -> int:
-    try:
-        result = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(key, f"not an integer: {value!r}") from None
-    if result < 0:
-        raise ConfigError(key, "must not be negative")
-    return result
-
-
-def parse_listen(key: str, value: Any) -> tuple[str, int]:
-    host, sep, port = str(value).rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(key, f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def parse_choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
-    def parse(key: str, value: Any) -> str:
-        if str(value) not in choices:
-            raise ConfigError(key, f"expected one of {', '.join(choices)}, got {value!r}")
-        return str(value)
-
-    return parse
+def parse_pins(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]  # the environment: a,b,c
+    if not isinstance(value, list | tuple):
+        raise ConfigError(key, "expected a list of image references")
+    return tuple(parse_text(f"{key}[{i}]", v).strip() for i, v in enumerate(value))
 
 
 def parse_upstream(key: str, name: str, spec: Any) -> UpstreamConfig:
     if not _UPSTREAM_NAME.fullmatch(name):
         raise ConfigError(key, f"invalid registry name {name!r} (e.g. docker.io, host:5000)")
+    where = f"{key}.{name}"
     if isinstance(spec, str):
         spec = {"url": spec}
     if not isinstance(spec, Mapping):
-        raise ConfigError(f"{key}.{name}", "expected a URL or a mapping with url:")
-    known = {f.name for f in fields(UpstreamConfig)} - {"name"}
+        raise ConfigError(where, "expected a URL or a mapping with url:")
+    known = {f.name for f in fields(UpstreamConfig)} - {"name", "tag_ttl_forever"}
     unknown = set(spec) - known - {"password_env"}
     if unknown:
-        raise ConfigError(f"{key}.{name}", f"unknown keys: {', '.join(sorted(map(str, unknown)))}")
-    url = URL(str(spec.get("url", "")))
+        raise ConfigError(where, f"unknown keys: {', '.join(sorted(map(str, unknown)))}")
+
+    def text(field_name: str) -> str | None:
+        value = spec.get(field_name)
+        return None if value is None else parse_text(f"{where}.{field_name}", value)
+
+    raw_url = text("url") or ""
+    url = URL(raw_url)
     if url.scheme not in ("http", "https") or not url.host:
-        raise ConfigError(f"{key}.{name}.url", f"expected an http(s) URL, got {spec.get('url')!r}")
-    password = spec.get("password")
+        raise ConfigError(f"{where}.url", f"expected an http(s) URL, got {spec.get('url')!r}")
+    if url.user is not None or url.password is not None:
+        # It would sit in clear text in every log line that names the upstream.
+        raise ConfigError(
+            f"{where}.url", "credentials in the URL are not accepted: use username and password_env"
+        )
+    if url.query_string or url.fragment:
+        raise ConfigError(f"{where}.url", "a registry URL has no query or fragment")
+    password = text("password")
     if "password_env" in spec:
-        password = os.environ.get(str(spec["password_env"]))
+        password = os.environ.get(parse_text(f"{where}.password_env", spec["password_env"]))
+    ttl = parse_ttl(f"{where}.tag_ttl", spec["tag_ttl"]) if spec.get("tag_ttl") is not None else None
+    forever = spec.get("tag_ttl") is not None and ttl is None
+    keep_deleted = parse_bool(f"{where}.keep_deleted", spec.get("keep_deleted", False))
+    hosts = spec.get("realm_hosts", ())
+    if isinstance(hosts, str):
+        hosts = [hosts]
+    if not isinstance(hosts, list | tuple):
+        raise ConfigError(f"{where}.realm_hosts", f"expected a list of host names, got {hosts!r}")
     return UpstreamConfig(
         name=name,
         url=str(url).rstrip("/"),
-        username=None if spec.get("username") is None else str(spec["username"]),
-        password=None if password is None else str(password),
-        credential_command=spec.get("credential_command"),
-        credential_ttl=parse_seconds(f"{key}.{name}.credential_ttl", spec.get("credential_ttl", 600)),
-        realm_hosts=tuple(str(h) for h in spec.get("realm_hosts", ())),
+        username=text("username"),
+        password=password,
+        credential_command=text("credential_command"),
+        credential_ttl=parse_seconds(f"{where}.credential_ttl", spec.get("credential_ttl", 600)),
+        realm_hosts=tuple(parse_text(f"{where}.realm_hosts", h) for h in hosts),
+        tag_ttl=ttl,
+        tag_ttl_forever=forever,
+        keep_deleted=keep_deleted,
     )
 
 
@@ -210,14 +246,16 @@ def parse_upstreams(key: str, value: Any) -> tuple[UpstreamConfig, ...]:
     items: list[tuple[str, Any]]
     if isinstance(value, Mapping):
         items = [(str(k), v) for k, v in value.items()]
-    else:
+    elif isinstance(value, str | list | tuple):
         parts = value.split(",") if isinstance(value, str) else list(value)
         items = []
         for part in parts:
-            name, sep, url = str(part).strip().partition("=")
+            name, sep, url = parse_text(key, part).strip().partition("=")
             if not sep:
                 raise ConfigError(key, f"expected NAME=URL, got {part!r}")
             items.append((name.strip(), url.strip()))
+    else:
+        raise ConfigError(key, f"expected a mapping of registry names to URLs, got {value!r}")
     if not items:
         raise ConfigError(key, "at least one upstream is needed")
     result = tuple(parse_upstream(key, name, spec) for name, spec in items)
@@ -229,19 +267,32 @@ def parse_upstreams(key: str, value: Any) -> tuple[UpstreamConfig, ...]:
 # key -> parser into Settings field values. "listen" fills two fields.
 PARSERS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "listen": parse_listen,
-    "cache_dir": lambda k, v: Path(str(v)).expanduser(),
+    "cache_dir": parse_path,
     "upstreams": parse_upstreams,
-    "tag_ttl": parse_seconds,
-    "max_cache_size": parse_size,
+    "tag_ttl": parse_ttl,
+    "tag_rules": parse_tag_rules,
+    "offline": parse_bool,
+    "pins": parse_pins,
+    "max_cache_size": parse_budget,
+    "high_watermark": parse_fraction,
+    "low_watermark": parse_fraction,
+    "max_unused": parse_optional_seconds,
     "manifest_timeout": parse_seconds,
     "blob_connect_timeout": parse_seconds,
     "blob_read_timeout": parse_seconds,
-    "blob_retries": parse_int,
-    "tags_page_max": parse_int,
+    "blob_retries": lambda k, v: parse_int(k, v, maximum=100),
+    "tags_page_max": lambda k, v: parse_int(k, v, minimum=1, maximum=100_000),
     "cancel_abandoned_fills": parse_bool,
+    "upstream_blob_connections": lambda k, v: parse_int(k, v, minimum=1),
+    "fill_connections": lambda k, v: parse_int(k, v, minimum=1, maximum=32),
+    "parallel_fill_threshold": parse_size,
+    "lazy_range_gap": parse_size,
+    "verified_ranges_only": parse_bool,
     "log_level": parse_choice(("debug", "info", "warning", "error")),
     "log_format": parse_choice(("json", "console")),
-    "docker_config": lambda k, v: Path(str(v)).expanduser(),
+    "docker_config": parse_path,
+    "auth": parse_auth,
+    "tls": parse_tls,
 }
 _FIELD_OF: Final = {"max_cache_size": "max_cache_bytes"}
 
@@ -282,7 +333,17 @@ def build(*layers: Mapping[str, Any]) -> Settings:
             values["listen_host"], values["listen_port"] = parsed
         else:
             values[_FIELD_OF.get(key, key)] = parsed
-    return Settings(**values)
+    settings = Settings(**values)
+    if settings.low_watermark >= settings.high_watermark:
+        raise ConfigError("low_watermark", "must be below high_watermark")
+    names = [u.name for u in settings.upstreams]
+    for i, pin in enumerate(settings.pins):
+        try:
+            parse_image_reference(pin, names, names[0])
+        except BadReference as exc:
+            raise ConfigError(f"pins[{i}]", str(exc)) from None
+    check_rule_upstreams(settings.auth, settings.upstreams)
+    return settings
 
 
 def load(

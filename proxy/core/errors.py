@@ -34,6 +34,8 @@ class Code(Enum):
     TOOMANYREQUESTS = "TOOMANYREQUESTS"
     # Not in the spec: a Range header we cannot satisfy. Clients read the status, not the code.
     RANGE_INVALID = "RANGE_INVALID"
+    # Not in the spec: a request that is not valid HTTP, or lacks a required parameter.
+    REQUEST_INVALID = "REQUEST_INVALID"
     # Not in the spec: the upstream answered something we cannot use (5xx, garbage, loops).
     UPSTREAM_ERROR = "UPSTREAM_ERROR"
     # distribution uses UNAVAILABLE for 503; we use it when the upstream cannot be reached.
@@ -55,10 +57,28 @@ STATUS: Final[dict[Code, int]] = {
     Code.UNSUPPORTED: 405,
     Code.TOOMANYREQUESTS: 429,
     Code.RANGE_INVALID: 416,
+    Code.REQUEST_INVALID: 400,
     Code.UPSTREAM_ERROR: 502,
     Code.UNAVAILABLE: 503,
     Code.UNKNOWN: 500,
 }
+
+
+# For statuses chosen outside our code (aiohttp's router and HTTP parser): the code that owns
+# each. A status with no code of its own is a request we could not read (4xx) or our fault.
+_CODE_OF_STATUS: Final[dict[int, Code]] = {
+    404: Code.NAME_UNKNOWN,
+    405: Code.UNSUPPORTED,
+    416: Code.RANGE_INVALID,
+    429: Code.TOOMANYREQUESTS,
+    503: Code.UNAVAILABLE,
+}
+
+
+def code_for_status(status: int) -> Code:
+    if status in _CODE_OF_STATUS:
+        return _CODE_OF_STATUS[status]
+    return Code.REQUEST_INVALID if 400 <= status < 500 else Code.UNKNOWN
 
 
 class OciError(Exception):

@@ -1,32 +1,56 @@
-"""The LRU index over :mod:`storage`: what is cached, how big, how recently used, what is pinned.
+"""The disk budget over the catalogue's files: eviction, pins, and the open descriptors.
 
-Touched only from the event loop thread. Disk work (scan, unlink) runs in worker threads.
-Eviction starts when the total passes ``max_bytes`` and removes least recently used blobs
-until the total is under the low watermark, skipping pinned blobs (a response or a fill is
-using them): a shared base layer that many pulls are reading is never pulled from under them.
+Eviction starts when the cache holds more than the high watermark of its budget and removes
+least recently used files until it is under the low one, so that it runs in batches, not per
+blob. It never removes a file that a response or a fill is using (pinned for the duration), nor
+anything a pinned image needs. ``max_unused`` additionally removes files nobody asked for in
+that long. The budget never exceeds what the file system can hold: at start-up a budget larger
+than the cache's share of the disk is lowered to it, with a warning.
+
+A file is served only at the size it was verified at: a descriptor whose size disagrees with
+the catalogue (truncated behind our back) is refused and the blob dropped, so it is fetched
+again instead of being served short.
+
+Touched only from the event loop thread. Disk work (unlink, stat) runs in worker threads.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Final
 
 import structlog
 
 from proxy.core.reference import Digest
+from proxy.store.catalogue import BLOB, BlobEntry, Catalogue
 from proxy.store.openfiles import OpenFiles
 from proxy.store.storage import Storage
 
 log = structlog.get_logger("ocicache.cache")
 
-# Evict down to this fraction of the budget, so that eviction runs in batches, not per blob.
-LOW_WATERMARK: Final = 0.9
+# Of the file system's room for the cache, what the budget may use: the rest is for the
+# catalogue, downloads in flight and whatever else shares the disk.
+DISK_SHARE: Final = 0.95
+UNUSED_SWEEP_MAX: Final = 60.0
 
 
-def choose_victims(lru: Iterable[tuple[str, int]], pinned: set[str], total: int, target: int) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class Budget:
+    max_bytes: int
+    high: float = 1.0  # start evicting above max_bytes * high
+    low: float = 0.9  # ... and stop below max_bytes * low
+    max_unused: float | None = None  # seconds since last use after which a file goes
+
+
+def choose_victims(
+    lru: Iterable[tuple[str, int]], pinned: set[str] | frozenset[str], total: int, target: int
+) -> list[str]:
     """Oldest-first digests to remove so that ``total`` falls to ``target``; pinned ones stay."""
     victims: list[str] = []
     for key, size in lru:
@@ -39,53 +63,117 @@ def choose_victims(lru: Iterable[tuple[str, int]], pinned: set[str], total: int,
     return victims
 
 
-class BlobCache:
-    def __init__(self, storage: Storage, max_bytes: int) -> None:
-        self.storage = storage
-        self.max_bytes = max_bytes
-        self._lru: OrderedDict[str, int] = OrderedDict()  # digest -> size, oldest first
-        self._pins: Counter[str] = Counter()
-        self.total = 0
-        self._evicting: asyncio.Task[None] | None = None
-        self.open_files = OpenFiles()
+def unused_since(
+    lru: Iterable[tuple[str, float]], pinned: set[str] | frozenset[str], cutoff: float
+) -> list[str]:
+    """Digests last used before ``cutoff``, pinned ones excepted. (All are looked at: the LRU
+    order follows last use only roughly, as commits finish in their own order.)"""
+    return [key for key, last_used in lru if last_used < cutoff and key not in pinned]
 
-    async def load(self) -> None:
-        """Index what is on disk, oldest modification first (hits refresh the mtime)."""
-        found = await asyncio.to_thread(lambda: sorted(self.storage.scan(), key=lambda b: b.mtime))
-        for blob in found:
-            self._lru[str(blob.digest)] = blob.size
-            self.total += blob.size
-        log.info("cache_loaded", blobs=len(self._lru), bytes=self.total, root=str(self.storage.root))
+
+class BlobCache:
+    def __init__(
+        self,
+        storage: Storage,
+        catalogue: Catalogue,
+        budget: Budget,
+        pinned_images: Callable[[], frozenset[str]] = frozenset,
+    ) -> None:
+        self.storage = storage
+        self.catalogue = catalogue
+        self.budget = budget
+        self.max_bytes = budget.max_bytes
+        self.pinned_images = pinned_images
+        self._pins: Counter[str] = Counter()
+        self._evicting: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._checking: asyncio.Task[None] | None = None
+        self.open_files = OpenFiles()
+        catalogue.drop_observers.append(self.open_files.drop)
+        self.evicted = 0
+        self.evicted_bytes = 0
+
+    async def start(self) -> None:
+        """Fit the budget to the disk, evict what is over it, and sweep unused files."""
+        free = await asyncio.to_thread(lambda: shutil.disk_usage(self.storage.root).free)
+        room = int((self.catalogue.total + free) * DISK_SHARE)
+        if self.budget.max_bytes > room:
+            log.warning(
+                "budget_exceeds_disk",
+                budget=self.budget.max_bytes,
+                disk_room=room,
+                cached=self.catalogue.total,
+                free=free,
+            )
+            self.max_bytes = room
+        self._checking = asyncio.get_running_loop().create_task(self._check_sizes(), name="size check")
+        self._maybe_evict()
+        if self.budget.max_unused is not None:
+            every = min(self.budget.max_unused / 10, UNUSED_SWEEP_MAX)
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop(max(every, 0.01)))
+
+    async def _check_sizes(self) -> None:
+        """Right after start-up: every file at the size it was verified at, or it goes (it is
+        fetched again when next asked for). Opening checks the same, so a request that comes
+        first is safe too."""
+        expected = {d: e.size for d, e in self.catalogue.blobs.items()}
+        sizes = await asyncio.to_thread(self.storage.sizes, list(expected))
+        wrong = [d for d, size in sizes.items() if size != expected[d] and d in self.catalogue.blobs]
+        for digest in wrong:
+            log.warning("blob_size_mismatch", digest=digest, verified=expected[digest], on_disk=sizes[digest])
+            await self.remove(Digest.parse(digest))
+        missing = [d for d in expected if d not in sizes and d in self.catalogue.blobs]
+        for digest in missing:
+            self.catalogue.drop(digest)
+        log.info("cache_sizes_checked", blobs=len(expected), wrong=len(wrong), missing=len(missing))
+
+    async def checked(self) -> None:
+        """Wait for the start-up size check (tests)."""
+        if self._checking is not None:
+            await self._checking
+
+    # --- what is held -------------------------------------------------------------------------
 
     def __contains__(self, digest: Digest) -> bool:
-        return str(digest) in self._lru
+        """Held as a blob (a manifest's bytes are not served as a blob unless upstream did)."""
+        return self.catalogue.has(str(digest), BLOB)
 
     def __len__(self) -> int:
-        return len(self._lru)
+        return len(self.catalogue.blobs)
+
+    @property
+    def total(self) -> int:
+        return self.catalogue.total
 
     def size_of(self, digest: Digest) -> int | None:
-        return self._lru.get(str(digest))
+        entry = self.catalogue.entry(str(digest))
+        return None if entry is None else entry.size
 
     def touch(self, digest: Digest) -> None:
-        key = str(digest)
-        if key in self._lru:
-            self._lru.move_to_end(key)
+        self.catalogue.touch(str(digest))
 
     def forget(self, digest: Digest) -> None:
         """Drop an entry whose file turned out to be gone (removed by hand, or disk trouble)."""
-        size = self._lru.pop(str(digest), None)
-        if size is not None:
-            self.total -= size
-        self.open_files.drop(str(digest))
+        self.catalogue.drop(str(digest))
 
     async def open(self, digest: Digest) -> tuple[int, int]:
-        """A shared read descriptor of a cached blob and its size; give it back with
-        :meth:`release`. Raises FileNotFoundError (and forgets the blob) if the file is gone."""
+        """A shared read descriptor of a cached file and its size; give it back with
+        :meth:`release`. Raises FileNotFoundError (and forgets the blob) if the file is gone
+        or no longer has the size it was verified at."""
+        key = str(digest)
+        entry = self.catalogue.entry(key)
+        if entry is None:
+            raise FileNotFoundError(key)
         try:
-            fd, size = await self.open_files.acquire(str(digest), self.storage.blob_path(digest))
+            fd, size = await self.open_files.acquire(key, self.storage.blob_path(digest))
         except FileNotFoundError:
             self.forget(digest)
             raise
+        if size != entry.size:
+            self.open_files.release(key, fd)
+            log.warning("blob_size_mismatch", digest=key, verified=entry.size, on_disk=size)
+            await self.remove(digest)
+            raise FileNotFoundError(key)
         self.touch(digest)
         return fd, size
 
@@ -94,6 +182,7 @@ class BlobCache:
 
     @contextmanager
     def pinned(self, digest: Digest) -> Iterator[None]:
+        """Keep ``digest`` from eviction while a response or fill uses it."""
         key = str(digest)
         self._pins[key] += 1
         try:
@@ -103,36 +192,88 @@ class BlobCache:
             if self._pins[key] <= 0:
                 del self._pins[key]
 
-    def add(self, digest: Digest, size: int) -> None:
+    # --- changes ------------------------------------------------------------------------------
+
+    async def add(self, digest: Digest, size: int, kind: int = BLOB) -> None:
+        """A file committed under ``blobs/``."""
+        await self.catalogue.add_blob(str(digest), size, kind)
+        self._maybe_evict()
+
+    def note_added(self) -> None:
+        """Something was indexed by another route (a manifest): check the budget."""
+        self._maybe_evict()
+
+    async def remove(self, digest: Digest) -> BlobEntry | None:
+        """Remove a file and its facts: the file first, so that a crash between leaves a row
+        without a file, which start-up drops."""
         key = str(digest)
-        if key not in self._lru:
-            self.total += size
-        self._lru[key] = size
-        self._lru.move_to_end(key)
-        if self.total > self.max_bytes and (self._evicting is None or self._evicting.done()):
+        if key not in self.catalogue.blobs:
+            return None
+        await asyncio.to_thread(self.storage.remove, digest)
+        entry = self.catalogue.drop(key)
+        if entry is not None:
+            self.evicted += 1
+            self.evicted_bytes += entry.size
+        return entry
+
+    def _maybe_evict(self) -> None:
+        if self.catalogue.total > self.max_bytes * self.budget.high and (
+            self._evicting is None or self._evicting.done()
+        ):
             self._evicting = asyncio.get_running_loop().create_task(self._evict())
 
+    def protected(self) -> set[str]:
+        return set(self._pins) | self.pinned_images()
+
     async def _evict(self) -> None:
-        target = int(self.max_bytes * LOW_WATERMARK)
+        target = int(self.max_bytes * self.budget.low)
         removed = 0
-        # Blobs added while we remove others may push the total over again: go round until
-        # under budget, or until everything left is pinned.
-        while self.total > self.max_bytes:
-            victims = choose_victims(self._lru.items(), set(self._pins), self.total, target)
+        # Files added while we remove others may push the total over again: go round until
+        # under the high mark, or until everything left is protected.
+        while self.catalogue.total > self.max_bytes * self.budget.high:
+            protected = self.protected()
+            lru = ((d, e.size) for d, e in self.catalogue.lru())
+            victims = choose_victims(lru, protected, self.catalogue.total, target)
             if not victims:
+                log.warning("cache_over_budget_all_pinned", bytes=self.catalogue.total, budget=self.max_bytes)
                 break
             for key in victims:
                 if key in self._pins:  # pinned since the choice was made
                     continue
-                size = self._lru.pop(key, None)
-                if size is None:
-                    continue
-                self.total -= size
-                removed += 1
-                self.open_files.drop(key)
-                await asyncio.to_thread(self.storage.remove, Digest.parse(key))
+                if await self.remove(Digest.parse(key)) is not None:
+                    removed += 1
         if removed:
-            log.info("cache_evicted", blobs=removed, bytes_now=self.total, budget=self.max_bytes)
+            log.info("cache_evicted", blobs=removed, bytes_now=self.catalogue.total, budget=self.max_bytes)
+
+    async def evict_for(self, needed: int) -> int:
+        """Free at least ``needed`` bytes now (a full disk hit a download), least recently
+        used first; returns the bytes freed."""
+        protected = self.protected()
+        lru = ((d, e.size) for d, e in self.catalogue.lru())
+        victims = choose_victims(lru, protected, self.catalogue.total, max(0, self.catalogue.total - needed))
+        freed = 0
+        for key in victims:
+            entry = await self.remove(Digest.parse(key))
+            if entry is not None:
+                freed += entry.size
+        log.info("cache_evicted_for_space", blobs=len(victims), freed=freed, needed=needed)
+        return freed
+
+    async def sweep_unused(self) -> int:
+        assert self.budget.max_unused is not None
+        cutoff = time.time() - self.budget.max_unused
+        lru = ((d, e.last_used) for d, e in self.catalogue.lru())
+        victims = unused_since(lru, self.protected(), cutoff)
+        for key in victims:
+            await self.remove(Digest.parse(key))
+        if victims:
+            log.info("cache_unused_removed", blobs=len(victims), max_unused=self.budget.max_unused)
+        return len(victims)
+
+    async def _sweep_loop(self, every: float) -> None:
+        while True:
+            await self.sweep_unused()
+            await asyncio.sleep(every)
 
     async def settled(self) -> None:
         """Wait for an eviction under way."""
@@ -140,5 +281,11 @@ class BlobCache:
             await self._evicting
 
     async def close(self) -> None:
+        if self._checking is not None:
+            self._checking.cancel()
+            await asyncio.gather(self._checking, return_exceptions=True)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         await self.settled()
         self.open_files.close()

@@ -15,14 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
-
-# The mtime orders blobs for eviction across restarts; a touch per hour per blob is plenty.
-TOUCH_EVERY: Final = 3600.0
 
 
 @dataclass(slots=True)
@@ -30,14 +25,12 @@ class _Entry:
     fd: int
     size: int
     users: int
-    touched: float
     dropped: bool = False
 
 
 def _open(path: Path) -> tuple[int, int]:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        os.utime(fd)
         return fd, os.fstat(fd).st_size
     except OSError:
         os.close(fd)
@@ -61,13 +54,10 @@ class OpenFiles:
             fd, size = await asyncio.to_thread(_open, path)
             entry = self._entries.get(key)  # another request may have opened it meanwhile
             if entry is None:
-                entry = _Entry(fd, size, 0, time.monotonic())
+                entry = _Entry(fd, size, 0)
                 self._entries[key] = entry
             else:
                 os.close(fd)
-        elif time.monotonic() - entry.touched > TOUCH_EVERY:
-            entry.touched = time.monotonic()
-            await asyncio.to_thread(os.utime, entry.fd)
         entry.users += 1
         self._entries.move_to_end(key)
         self._trim()

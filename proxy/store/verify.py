@@ -37,13 +37,13 @@ def verify(storage: Storage, *, remove: bool = True) -> Report:
     report = Report()
     for blob in storage.scan():
         try:
-            good = hash_file(storage, blob.digest) == blob.digest.hex
+            good = hash_file(storage, blob.ref) == blob.ref.hex
         except FileNotFoundError:
             continue  # removed meanwhile
         report.checked += 1
         report.bytes += blob.size
         if not good:
-            report.bad.append(blob.digest)
+            report.bad.append(blob.ref)
             if remove:
-                storage.remove(blob.digest)
+                storage.remove(blob.ref)
     return report

@@ -14,6 +14,7 @@ It owns tokens, redirects and timeouts, and translates every third-party excepti
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -25,7 +26,9 @@ from cachetools import LRUCache
 from yarl import URL
 
 from proxy.core.config import Settings, UpstreamConfig
+from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError
+from proxy.core.mediatypes import MANIFEST_MAX, MANIFEST_TYPES
 from proxy.core.reference import Digest
 from proxy.core.upstreamauth import (
     Challenge,
@@ -40,17 +43,14 @@ from proxy.core.upstreamauth import (
     token_request_url,
 )
 from proxy.upstream.credentials import run_helper
+from proxy.upstream.slots import Slots
 
 log = structlog.get_logger("ocicache.upstream")
 
-MANIFEST_TYPES: Final = (
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-)
-# The spec lets registries refuse manifests over 4 MiB; we refuse to buffer more than that.
-MANIFEST_MAX: Final = 4 * 1024 * 1024
+# A tags page is at most tags_page_max names of up to 128 characters: far below this.
+TAGS_MAX: Final = 4 * 1024 * 1024
+# Token answers are small JSON documents (a JWT or two); anything larger is not one.
+TOKEN_MAX: Final = 1024 * 1024
 MAX_REDIRECTS: Final = 5
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 _TRANSPORT_ERRORS: Final = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
@@ -74,9 +74,9 @@ def status_error(upstream: str, resp: aiohttp.ClientResponse, unknown: Code) -> 
     if resp.status == 404:
         return OciError(unknown, "not found upstream", detail)
     if resp.status == 429:
-        retry_after = resp.headers.get("Retry-After", "60")
-        if not retry_after.isdigit():
-            retry_after = "60"
+        seconds = parse_count(resp.headers.get("Retry-After", ""))
+        # An HTTP date, garbage or a digit bomb: a minute is what Docker Hub asks for.
+        retry_after = "60" if seconds is None else str(min(seconds, 86400))
         return OciError(
             Code.TOOMANYREQUESTS,
             "upstream rate limit reached",
@@ -88,6 +88,15 @@ def status_error(upstream: str, resp: aiohttp.ClientResponse, unknown: Code) -> 
     if resp.status == 416:
         return OciError(Code.RANGE_INVALID, "upstream refused the range", detail)
     return OciError(Code.UPSTREAM_ERROR, "unexpected upstream answer", detail)
+
+
+@dataclass(frozen=True, slots=True)
+class Sessions:
+    """Two connection pools: one for blob downloads, one for everything else (manifests,
+    tokens, access checks, tags), so that short requests never wait behind long ones."""
+
+    api: aiohttp.ClientSession
+    blobs: aiohttp.ClientSession
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,15 +113,21 @@ class UpstreamClient:
     def __init__(
         self,
         cfg: UpstreamConfig,
-        session: aiohttp.ClientSession,
+        sessions: Sessions,
         settings: Settings,
         stored_credentials: tuple[str, str] | None = None,
     ) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.url = URL(cfg.url)
-        self._session = session
+        self._session = sessions.api
+        self._blob_session = sessions.blobs
+        self.blob_slots = Slots(settings.upstream_blob_connections)
+        # Offline: no connection is ever opened; every request fails here, before the network.
+        self.offline = settings.offline
         self._manifest_timeout = aiohttp.ClientTimeout(total=settings.manifest_timeout)
+        # The blob pool has no limit of its own (``blob_slots`` queues downloads), so connect
+        # covers resolving and connecting only, never a wait for a pool slot.
         self._blob_timeout = aiohttp.ClientTimeout(
             total=None,
             connect=settings.blob_connect_timeout,
@@ -163,6 +178,8 @@ class UpstreamClient:
                 "upstream named a token service this proxy does not trust",
                 {"upstream": self.name},
             )
+        if self.offline:
+            raise OciError(Code.UNAVAILABLE, "the proxy is offline", {"upstream": self.name, "offline": True})
         async with self._token_lock:
             token = self._tokens.get(scope)
             if token is not None and token.fresh():
@@ -175,7 +192,7 @@ class UpstreamClient:
                 ) as resp:
                     if resp.status != 200:
                         raise status_error(self.name, resp, Code.NAME_UNKNOWN)
-                    body = await resp.json(content_type=None)
+                    body = json.loads(await read_body(resp, TOKEN_MAX, self.name, "token answer"))
             except _TRANSPORT_ERRORS as exc:
                 raise _unreachable(self.name, exc) from exc
             except ValueError as exc:
@@ -190,13 +207,20 @@ class UpstreamClient:
     # --- requests --------------------------------------------------------------------------
 
     async def _send(
-        self, method: str, url: URL, headers: dict[str, str], timeout: aiohttp.ClientTimeout
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        url: URL,
+        headers: dict[str, str],
+        timeout: aiohttp.ClientTimeout,
     ) -> aiohttp.ClientResponse:
         """Send, following redirects ourselves: credentials stay on the upstream's origin, and
         no redirect leads to an address we refuse."""
+        if self.offline:
+            raise OciError(Code.UNAVAILABLE, "the proxy is offline", {"upstream": self.name, "offline": True})
         for _ in range(MAX_REDIRECTS + 1):
             try:
-                resp = await self._session.request(
+                resp = await session.request(
                     method, url, headers=headers, allow_redirects=False, timeout=timeout
                 )
             except _TRANSPORT_ERRORS as exc:
@@ -227,8 +251,10 @@ class UpstreamClient:
         headers: Mapping[str, str] | None = None,
         timeout: aiohttp.ClientTimeout | None = None,
         query: Mapping[str, str] | None = None,
+        blob: bool = False,
     ) -> aiohttp.ClientResponse:
-        """One authenticated request; the caller releases the response."""
+        """One authenticated request; the caller releases the response. ``blob`` requests go
+        through the blob connection pool."""
         url = self.url.with_path(self.url.path.rstrip("/") + path, encoded=False)
         if query:
             url = url.with_query(query)
@@ -238,7 +264,8 @@ class UpstreamClient:
             auth = self._auth_header(scope)
             if auth is not None:
                 hdrs["Authorization"] = auth
-            resp = await self._send(method, url, hdrs, timeout or self._manifest_timeout)
+            session = self._blob_session if blob else self._session
+            resp = await self._send(session, method, url, hdrs, timeout or self._manifest_timeout)
             self._note_ratelimit(resp)
             if resp.status != 401 or attempt == 2:
                 return resp
@@ -277,48 +304,56 @@ class UpstreamClient:
             media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
             digest = resp.headers.get("Docker-Content-Digest")
             if method == "HEAD":
-                size = int(resp.headers.get("Content-Length", "0") or 0)
+                size = parse_count(resp.headers.get("Content-Length", "")) or 0
                 return ManifestReply(b"", media_type, digest, size)
-            body = await resp.content.read(MANIFEST_MAX + 1)
-            while len(body) <= MANIFEST_MAX and not resp.content.at_eof():
-                more = await resp.content.read(MANIFEST_MAX + 1 - len(body))
-                if not more:
-                    break
-                body += more
-            if len(body) > MANIFEST_MAX:
-                raise OciError(Code.UPSTREAM_ERROR, "upstream manifest too large", {"upstream": self.name})
+            body = await read_body(resp, MANIFEST_MAX, self.name, "manifest")
             return ManifestReply(body, media_type, digest, len(body))
         except _TRANSPORT_ERRORS as exc:
             raise _unreachable(self.name, exc) from exc
         finally:
             resp.release()
 
-    async def open_blob(self, repository: str, digest: Digest, offset: int = 0) -> BlobStream:
-        """Start a blob download at ``offset``. The stream must be closed by the caller."""
+    async def open_blob(
+        self, repository: str, digest: Digest, offset: int = 0, end: int | None = None
+    ) -> BlobStream:
+        """Start a blob download of bytes [``offset``, ``end``) (to the blob's end if ``end`` is
+        None). The stream must be closed by the caller. An upstream may ignore the range and
+        answer from 0 (``stream.start``), or to its end (``stream.end``)."""
         headers = {"Accept-Encoding": "identity"}
-        if offset:
+        if end is not None:
+            headers["Range"] = f"bytes={offset}-{end - 1}"
+        elif offset:
             headers["Range"] = f"bytes={offset}-"
-        resp = await self.request(
-            "GET",
-            f"/v2/{repository}/blobs/{digest}",
-            repository=repository,
-            headers=headers,
-            timeout=self._blob_timeout,
-        )
-        if resp.status == 200:
-            start = 0
-        elif resp.status == 206 and offset:
-            ranged = _content_range_start(resp.headers.get("Content-Range", ""))
-            if ranged is None or ranged > offset:
+        await self.blob_slots.acquire()
+        try:
+            resp = await self.request(
+                "GET",
+                f"/v2/{repository}/blobs/{digest}",
+                repository=repository,
+                headers=headers,
+                timeout=self._blob_timeout,
+                blob=True,
+            )
+            if resp.status == 200:
+                start, stop = 0, None
+            elif resp.status == 206 and "Range" in headers:
+                span = _content_range(resp.headers.get("Content-Range", ""))
+                if span is None or span[0] > offset:
+                    resp.release()
+                    raise OciError(Code.UPSTREAM_ERROR, "bad Content-Range", {"upstream": self.name})
+                start, stop = span
+            else:
+                err = status_error(self.name, resp, Code.BLOB_UNKNOWN)
                 resp.release()
-                raise OciError(Code.UPSTREAM_ERROR, "bad Content-Range", {"upstream": self.name})
-            start = ranged
-        else:
-            err = status_error(self.name, resp, Code.BLOB_UNKNOWN)
-            resp.release()
-            raise err
+                raise err
+        except BaseException:
+            self.blob_slots.release()
+            raise
         total = _total_size(resp, start)
-        return BlobStream(self.name, resp, start, total)
+        stream_end = stop if stop is not None else (total if total is not None else -1)
+        return BlobStream(
+            self.name, resp, start, total, self.blob_slots, end=stream_end, ranged=stop is not None
+        )
 
     async def blob_exists(self, repository: str, digest: Digest) -> bool:
         return await self._exists(f"/v2/{repository}/blobs/{digest}", repository, {})
@@ -334,8 +369,7 @@ class UpstreamClient:
         try:
             if resp.status != 200:
                 raise status_error(self.name, resp, Code.BLOB_UNKNOWN)
-            length = resp.headers.get("Content-Length", "")
-            return int(length) if length.isdigit() else None
+            return parse_count(resp.headers.get("Content-Length", ""))
         finally:
             resp.release()
 
@@ -360,7 +394,9 @@ class UpstreamClient:
         try:
             if resp.status != 200:
                 raise status_error(self.name, resp, Code.NAME_UNKNOWN)
-            body = await resp.content.read(MANIFEST_MAX)
+            body = await read_body(resp, TAGS_MAX, self.name, "tags list")
+            if not _is_tags_list(body):
+                raise OciError(Code.UPSTREAM_ERROR, "upstream tags list is not one", {"upstream": self.name})
             return body, resp.headers.get("Link")
         except _TRANSPORT_ERRORS as exc:
             raise _unreachable(self.name, exc) from exc
@@ -368,31 +404,75 @@ class UpstreamClient:
             resp.release()
 
 
-def _content_range_start(value: str) -> int | None:
-    # "bytes 100-199/200"
-    unit, _, rest = value.partition(" ")
-    first, dash, _ = rest.partition("-")
-    if unit != "bytes" or not dash or not first.isdigit():
+async def read_body(resp: aiohttp.ClientResponse, limit: int, upstream: str, what: str) -> bytes:
+    """The whole body, to its end; more than ``limit`` bytes is an upstream error.
+
+    One ``read(n)`` returns only what is buffered: a body that arrives in several packets would
+    be cut short and still look whole. A body that ends before its Content-Length raises
+    aiohttp's payload error, which the caller translates like any broken connection.
+    """
+    if resp.content_length is not None and resp.content_length > limit:
+        raise OciError(Code.UPSTREAM_ERROR, f"upstream {what} too large", {"upstream": upstream})
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await resp.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise OciError(Code.UPSTREAM_ERROR, f"upstream {what} too large", {"upstream": upstream})
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _is_tags_list(body: bytes) -> bool:
+    """``{"name": ..., "tags": [...]}`` (distribution sends ``null`` for no tags)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(doc, dict) and (doc.get("tags") is None or isinstance(doc["tags"], list))
+
+
+def _content_range(value: str) -> tuple[int, int] | None:
+    """[first, last + 1) of ``bytes first-last/total``."""
+    unit, _, rest = value.strip().partition(" ")
+    span, _, _ = rest.partition("/")
+    first, dash, last = span.partition("-")
+    if unit != "bytes" or not dash:
         return None
-    return int(first)
+    a, b = parse_count(first), parse_count(last)
+    if a is None or b is None or b < a:
+        return None
+    return a, b + 1
 
 
 def _total_size(resp: aiohttp.ClientResponse, start: int) -> int | None:
     if resp.status == 206:
-        total = resp.headers.get("Content-Range", "").rpartition("/")[2]
-        return int(total) if total.isdigit() else None
-    length = resp.headers.get("Content-Length")
-    return start + int(length) if length and length.isdigit() else None
+        return parse_count(resp.headers.get("Content-Range", "").rpartition("/")[2])
+    length = parse_count(resp.headers.get("Content-Length", ""))
+    return None if length is None else start + length
 
 
 class BlobStream:
     """An open upstream blob body from byte ``start``; ``total`` is the whole blob's size."""
 
-    def __init__(self, upstream: str, resp: aiohttp.ClientResponse, start: int, total: int | None) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        resp: aiohttp.ClientResponse,
+        start: int,
+        total: int | None,
+        slots: Slots,
+        *,
+        end: int = -1,
+        ranged: bool = False,
+    ) -> None:
         self._upstream = upstream
         self._resp = resp
+        self._slots: Slots | None = slots
         self.start = start
         self.total = total
+        self.end = end  # where this answer's bytes stop (exclusive); -1 if upstream did not say
+        self.ranged = ranged  # upstream honoured a Range (206)
 
     async def chunks(self, max_batch: int) -> AsyncIterator[bytes]:
         """Yield the body in pieces of at most about ``max_batch``, joining what is already
@@ -417,3 +497,6 @@ class BlobStream:
 
     def close(self) -> None:
         self._resp.close()
+        if self._slots is not None:
+            self._slots.release()
+            self._slots = None

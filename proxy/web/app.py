@@ -3,45 +3,25 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
-from typing import Final
 
-import aiohttp
 import structlog
 from aiohttp import web
-from yarl import URL
+from aiohttp.typedefs import Middleware
+from cachetools import LRUCache
 
 from proxy.core.config import Settings
-from proxy.core.errors import Code, OciError, error_response
-from proxy.flows.access import Access
-from proxy.flows.fills import Fill, Fills, State
-from proxy.flows.manifests import ManifestStore
-from proxy.store.cache import BlobCache
-from proxy.store.storage import Storage
-from proxy.upstream import credentials
-from proxy.upstream.client import UpstreamClient
-from proxy.upstream.resolver import GuardedResolver
-from proxy.web import handlers, keys, setup
+from proxy.core.digits import parse_count
+from proxy.core.errors import Code, OciError, code_for_status, error_response
+from proxy.flows.engine import running
+from proxy.flows.fills import Fill, State
+from proxy.web import gate, guard, handlers, keys, login, setup
 from proxy.web.metrics import CONTENT_TYPE, Metrics
 
 log = structlog.get_logger("ocicache.access")
 
-USER_AGENT: Final = "ocicache/0.1"
-# aiohttp's client reads up to this much before pausing the socket; larger than its 64 KiB
-# default so a fill keeps receiving while a worker thread writes the previous batch.
-READ_BUFSIZE: Final = 2 * 1024 * 1024
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _status_code(status: int) -> Code:
-    return {404: Code.NAME_UNKNOWN, 405: Code.UNSUPPORTED, 429: Code.TOOMANYREQUESTS}.get(
-        status, Code.UNKNOWN
-    )
 
 
 @web.middleware
@@ -55,7 +35,7 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        resp = error_response(OciError(_status_code(exc.status), exc.reason))
+        resp = error_response(OciError(code_for_status(exc.status), exc.reason))
     except Exception:
         log.exception("handler_crashed", method=request.method, path=request.path)
         resp = error_response(OciError(Code.UNKNOWN, "internal error"))
@@ -71,6 +51,7 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
         method=request.method,
         path=request.path,
         ns=request.query.get("ns"),
+        user=request.get(keys.USER),
         status=status,
         bytes=sent,
         cache=cache,
@@ -88,9 +69,9 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     m.fills_active.set(len(request.app[keys.FILLS]))
     for up in request.app[keys.UPSTREAMS].values():
         if up.ratelimit_remaining is not None:
-            value = up.ratelimit_remaining.split(";")[0]
-            if value.isdigit():
-                m.ratelimit_remaining.labels(up.name).set(int(value))
+            value = parse_count(up.ratelimit_remaining.split(";")[0].strip())
+            if value is not None:
+                m.ratelimit_remaining.labels(up.name).set(value)
     return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -105,87 +86,48 @@ async def _stop_fills(app: web.Application) -> None:
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
-    settings = app[keys.SETTINGS]
     metrics = app[keys.METRICS]
-    storage = Storage(settings.cache_dir)
-    await asyncio.to_thread(storage.prepare)
-    cache = BlobCache(storage, settings.max_cache_bytes)
-    await cache.load()
-    access = Access(storage)
-
-    async def on_commit(fill: Fill) -> None:
-        await access.remember(fill.upstream.name, fill.repository, fill.digest)
 
     def on_finish(fill: Fill) -> None:
         metrics.upstream_gets.labels(fill.upstream.name).inc(fill.upstream_gets)
         metrics.upstream_bytes.labels(fill.upstream.name).inc(fill.written)
-        outcome = (
-            "committed" if fill.state is State.DONE else (fill.error.code.value if fill.error else "failed")
-        )
+        if fill.state is State.DONE:
+            outcome = "uncached" if fill.window is not None else "committed"
+        else:
+            outcome = fill.error.code.value if fill.error else "failed"
         metrics.fills.labels(outcome).inc()
 
-    fills = Fills(
-        storage,
-        cache,
-        retries=settings.blob_retries,
-        cancel_abandoned=settings.cancel_abandoned_fills,
-        on_commit=on_commit,
-        on_finish=on_finish,
-    )
-    auths = await asyncio.to_thread(_read_docker_config, settings.docker_config)
-    session = aiohttp.ClientSession(
-        auto_decompress=False,  # the bytes we hash must be the bytes upstream stored
-        read_bufsize=READ_BUFSIZE,
-        headers={"User-Agent": USER_AGENT},
-        connector=aiohttp.TCPConnector(
-            limit=256, limit_per_host=64, ttl_dns_cache=60, resolver=GuardedResolver(_trusted_hosts(settings))
-        ),
-        trust_env=False,
-    )
-    app[keys.STORAGE] = storage
-    app[keys.CACHE] = cache
-    app[keys.ACCESS] = access
-    app[keys.FILLS] = fills
-    app[keys.MANIFESTS] = ManifestStore(storage, cache, access, settings.tag_ttl)
-    app[keys.UPSTREAMS] = {
-        u.name: UpstreamClient(u, session, settings, credentials.lookup(auths, u.name, u.url))
-        for u in settings.upstreams
-    }
-    try:
+    async with running(app[keys.SETTINGS], on_fill_finish=on_finish) as engine:
+        app[keys.ENGINE] = engine
+        app[keys.STORAGE] = engine.storage
+        app[keys.CACHE] = engine.cache
+        app[keys.ACCESS] = engine.access
+        app[keys.FILLS] = engine.fills
+        app[keys.CATALOGUE] = engine.catalogue
+        app[keys.MANIFESTS] = engine.manifests
+        app[keys.UPSTREAMS] = engine.upstreams
         yield
-    finally:
-        await fills.close()
-        await cache.close()
-        await session.close()
-
-
-def _read_docker_config(path: Path | None) -> dict[str, credentials.Credentials]:
-    if path is None:
-        return {}
-    try:
-        return credentials.parse_auths(json.loads(path.read_bytes()))
-    except (OSError, ValueError) as exc:
-        log.warning("docker_config_unreadable", path=str(path), error=str(exc))
-        return {}
-
-
-def _trusted_hosts(settings: Settings) -> frozenset[str]:
-    """Hosts we were configured with: these may live at private addresses."""
-    hosts = {URL(u.url).host or "" for u in settings.upstreams}
-    hosts |= {h.partition(":")[0] for u in settings.upstreams for h in u.realm_hosts}
-    return frozenset(h.lower() for h in hosts if h)
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[errors_and_access_log], client_max_size=64 * 1024)
+    middlewares: list[Middleware] = [errors_and_access_log]
+    if settings.auth.enabled:
+        # Inside the error middleware, so refusals get the envelope and a log line.
+        middlewares.append(gate.middleware(public=(metrics_endpoint, healthz, setup.setup, login.token)))
+    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024)
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = Metrics()
+    app[keys.RESOLVED] = LRUCache(maxsize=8192)
     app.cleanup_ctx.append(_resources)
+    if settings.auth.enabled:
+        app.cleanup_ctx.append(gate.resources)
     app.on_shutdown.append(_stop_fills)
     app.router.add_route("*", "/v2/", handlers.base)
     app.router.add_route("*", "/v2/{tail:.*}", handlers.registry_api)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/setup/{client}", setup.setup)
+    if settings.auth.logins:
+        app.router.add_route("*", guard.TOKEN_PATH, login.token)
     app.router.add_route("*", "/{tail:.*}", handlers.not_found)
     return app

@@ -1,4 +1,5 @@
-"""Thin handlers: parse the request into values, call the domain, write the response.
+"""Thin handlers: parse the request into values, call the domain, write the response. Blobs
+are :mod:`proxy.web.blobs`'.
 
 Each handler records what it did in ``request[CACHE_RESULT]`` / ``request[SENT]`` for the one
 log line the middleware in :mod:`app` writes per request.
@@ -6,25 +7,21 @@ log line the middleware in :mod:`app` writes per request.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Final
+import json
 
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict
 
+from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError
-from proxy.core.reference import Digest, Kind, parse_path, parse_range
-from proxy.core.routing import route
-from proxy.flows.fills import Fill, FillFailed
+from proxy.core.links import next_link
+from proxy.core.reference import Digest, Kind, PathRequest, parse_path
+from proxy.core.routing import Route, route
 from proxy.upstream.client import UpstreamClient
-from proxy.web import keys
-from proxy.web.zerocopy import send_file
+from proxy.web import blobs, keys
+from proxy.web.blobs import API_VERSION
 
 log = structlog.get_logger("ocicache.handlers")
-
-API_VERSION: Final = {"Docker-Distribution-API-Version": "registry/2.0"}
-BLOB_TYPE: Final = "application/octet-stream"
 
 
 async def base(request: web.Request) -> web.Response:
@@ -36,19 +33,32 @@ async def base(request: web.Request) -> web.Response:
 async def registry_api(request: web.Request) -> web.StreamResponse:
     if request.method not in ("GET", "HEAD"):
         raise OciError(Code.UNSUPPORTED, "this proxy serves pulls only", {"method": request.method})
-    parsed = parse_path(request.rel_url.raw_path)
-    settings = request.app[keys.SETTINGS]
-    upstreams = request.app[keys.UPSTREAMS]
-    where = route(parsed.name, request.query.get("ns"), upstreams.keys(), settings.default_upstream.name)
-    client = upstreams[where.upstream]
+    parsed, where = _resolve(request)
+    client = request.app[keys.UPSTREAMS][where.upstream]
     request[keys.KIND] = parsed.kind.value
     if parsed.kind is Kind.MANIFEST:
         assert parsed.reference is not None
         return await manifest(request, client, where.repository, parsed.reference)
     if parsed.kind is Kind.BLOB:
         assert isinstance(parsed.reference, Digest)
-        return await blob(request, client, where.repository, parsed.reference)
+        return await blobs.blob(request, client, where.repository, parsed.reference)
     return await tags(request, client, where.repository)
+
+
+def _resolve(request: web.Request) -> tuple[PathRequest, Route]:
+    """What the path asks for, and of which upstream and repository. Pulls repeat the same few
+    paths (every node asks for the same image), so answers are remembered by path and ns=;
+    malformed ones raise and are not."""
+    key = (request.rel_url.raw_path, request.query.get("ns"))
+    resolved = request.app[keys.RESOLVED]
+    known = resolved.get(key)
+    if known is None:
+        settings = request.app[keys.SETTINGS]
+        parsed = parse_path(key[0])
+        names = request.app[keys.UPSTREAMS].keys()
+        known = (parsed, route(parsed.name, key[1], names, settings.default_upstream.name))
+        resolved[key] = known
+    return known
 
 
 async def manifest(
@@ -72,152 +82,48 @@ async def manifest(
 async def tags(request: web.Request, client: UpstreamClient, repository: str) -> web.Response:
     settings = request.app[keys.SETTINGS]
     query: dict[str, str] = {}
-    n = request.query.get("n")
-    if n is not None:
-        if not n.isdigit():
-            raise OciError(Code.PAGINATION_INVALID, "n must be a number")
-        query["n"] = str(min(int(n), settings.tags_page_max))
-    else:
-        query["n"] = str(settings.tags_page_max)
+    n = parse_count(request.query.get("n", str(settings.tags_page_max)))
+    if n is None:
+        raise OciError(Code.PAGINATION_INVALID, "n must be a number")
+    query["n"] = str(min(n, settings.tags_page_max))
     if "last" in request.query:
         query["last"] = request.query["last"]
-    body, link = await client.tags(repository, query)
     headers = {**API_VERSION, "Content-Type": "application/json"}
-    if link is not None:
-        headers["Link"] = _rewrite_link(link, request.rel_url.path)
+    if client.offline:
+        # Offline, the tags this cache knows are the answer (a page of them, like upstream's).
+        known = request.app[keys.CATALOGUE].tag_names(client.name, repository)
+        if not known:
+            raise OciError(Code.NAME_UNKNOWN, "no tags cached, and the proxy is offline", {"offline": True})
+        page, more = tags_page(known, int(query["n"]), query.get("last"))
+        if more:
+            ours = next_link(
+                f'<?n={query["n"]}&last={page[-1]}>; rel="next"', request.rel_url.path, _routing(request)
+            )
+            if ours is not None:
+                headers["Link"] = ours
+        request[keys.CACHE_RESULT] = "offline"
+        body = json.dumps({"name": repository, "tags": page}).encode()
+        return web.Response(body=body, headers=headers)
+    body, link = await client.tags(repository, query)
+    ours = None if link is None else next_link(link, request.rel_url.path, _routing(request))
+    if ours is not None:
+        headers["Link"] = ours
     request[keys.CACHE_RESULT] = "pass"
     return web.Response(body=body, headers=headers)
 
 
-def _rewrite_link(link: str, our_path: str) -> str:
-    """Point upstream's next-page link at our own path (which may carry a registry prefix)."""
-    target = link.strip().split(";")[0].strip().lstrip("<").rstrip(">")
-    _, _, query = target.partition("?")
-    return f'<{our_path}?{query}>; rel="next"'
+def tags_page(names: list[str], n: int, last: str | None) -> tuple[list[str], bool]:
+    """A page of sorted tag ``names`` after ``last``, at most ``n``; and whether more follow."""
+    ordered = sorted(names)
+    if last is not None:
+        ordered = [t for t in ordered if t > last]
+    return ordered[:n], len(ordered) > n
 
 
-# --- blobs -----------------------------------------------------------------------------------
-
-
-def _blob_headers(digest: Digest) -> CIMultiDict[str]:
-    return CIMultiDict(
-        {
-            **API_VERSION,
-            "Content-Type": BLOB_TYPE,
-            "Docker-Content-Digest": str(digest),
-            "Accept-Ranges": "bytes",
-            # Content-addressed: the digest is the strongest validator there is.
-            "ETag": f'"{digest}"',
-            "Cache-Control": "max-age=31536000, immutable",
-        }
-    )
-
-
-def _start(request: web.Request, digest: Digest, size: int) -> tuple[web.StreamResponse, int, int]:
-    """The response head for a blob of ``size``, and the byte span [first, end) to send."""
-    rng = parse_range(request.headers.get("Range"), size)
-    resp = web.StreamResponse(status=206 if rng else 200, headers=_blob_headers(digest))
-    if rng is None:
-        resp.content_length = size
-        return resp, 0, size
-    resp.headers["Content-Range"] = rng.content_range(size)
-    resp.content_length = rng.length
-    return resp, rng.first, rng.last + 1
-
-
-async def blob(
-    request: web.Request, client: UpstreamClient, repository: str, digest: Digest
-) -> web.StreamResponse:
-    cache = request.app[keys.CACHE]
-    fills = request.app[keys.FILLS]
-    # A blob we hold (or are fetching) through another repository is not this one's to see
-    # until upstream says this repository has it too. Joining a fill that is fetching it for
-    # this very repository needs no such check: that fetch is upstream's answer.
-    running = fills.get(digest)
-    same_fetch = running is not None and running.upstream is client and running.repository == repository
-    if (digest in cache or running is not None) and not same_fetch:
-        await request.app[keys.ACCESS].check(client, repository, digest)
-    if digest in cache:
-        try:
-            fd, size = await cache.open(digest)
-        except FileNotFoundError:
-            pass  # removed behind our back (by hand, or disk trouble): fetch it again
-        else:
-            try:
-                return await _serve_cached(request, digest, fd, size)
-            finally:
-                cache.release(digest, fd)
-    if request.method == "HEAD" and running is None:
-        # Asking whether a blob exists is not asking for it: upstream answers, nothing downloads.
-        upstream_size = await client.blob_size(repository, digest)
-        if upstream_size is not None:
-            request[keys.CACHE_RESULT] = "pass"
-            resp, _, _ = _start(request, digest, upstream_size)
-            return resp
-    fill, started = fills.join(digest, client, repository)
-    request[keys.CACHE_RESULT] = "miss" if started else "join"
-    try:
-        return await _serve_fill(request, fill)
-    finally:
-        fills.leave(fill)
-
-
-async def _serve_cached(request: web.Request, digest: Digest, fd: int, size: int) -> web.StreamResponse:
-    resp, first, end = _start(request, digest, size)
-    request[keys.CACHE_RESULT] = "hit"
-    with request.app[keys.CACHE].pinned(digest):
-        return await _send_body(request, resp, fd, first, end, None)
-
-
-async def _serve_fill(request: web.Request, fill: Fill) -> web.StreamResponse:
-    size = await fill.started()
-    if size is None:
-        # Upstream sent no length. Streaming now would need chunked framing, which zero-copy
-        # sending bypasses; wait for the verified whole instead (registries rarely do this).
-        size = await fill.finished()
-    resp, first, end = _start(request, fill.digest, size)
-    with request.app[keys.CACHE].pinned(fill.digest):
-        return await _send_body(request, resp, fill.read_fd, first, end, fill.wait_beyond)
-
-
-async def _send_body(
-    request: web.Request,
-    resp: web.StreamResponse,
-    fd: int,
-    first: int,
-    end: int,
-    available: Callable[[int], Awaitable[int]] | None,
-) -> web.StreamResponse:
-    """Send bytes [first, end) of ``fd``; with ``available``, tail a file that is still growing."""
-    writer = await resp.prepare(request)
-    assert writer is not None
-    if request.method == "HEAD":
-        await resp.write_eof()
-        return resp
-    pos = first
-    try:
-        while pos < end:
-            limit = end if available is None else min(await available(pos), end)
-            await send_file(request, writer, fd, pos, limit - pos)
-            request[keys.SENT] = request.get(keys.SENT, 0) + (limit - pos)
-            pos = limit
-    except (FillFailed, ConnectionResetError):
-        return _abort(request, resp)
-    except Exception:
-        # Headers are gone already: the only honest way left to fail is to cut the connection.
-        log.exception("send_failed", path=request.path)
-        return _abort(request, resp)
-    await resp.write_eof()
-    return resp
-
-
-def _abort(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
-    """End the connection abruptly: a client must never take a short or bad body as whole."""
-    request[keys.ABORTED] = True
-    resp.force_close()
-    if request.transport is not None:
-        request.transport.abort()
-    return resp
+def _routing(request: web.Request) -> dict[str, str]:
+    """The query parameters that chose the upstream, for links back to us."""
+    ns = request.query.get("ns")
+    return {} if ns is None else {"ns": ns}
 
 
 async def not_found(request: web.Request) -> web.Response:

@@ -44,5 +44,12 @@ class Metrics:
             registry=r,
         )
 
+        self.auth_failures = Counter(
+            "ocicache_auth_failures",
+            "Client logins refused: invalid credentials, or an address out of attempts",
+            ["reason"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,29 +11,24 @@ and the registry out of the query. Every output is a complete file for its clien
 * ``/setup/buildkitd.toml``: BuildKit;
 * ``/setup/k3s``: k3s/RKE2 ``registries.yaml``.
 
-The proxy speaks plain HTTP, so every file marks it as such.
+Over plain HTTP every file marks the proxy as such; with ``tls:`` configured each names it
+by ``https://`` and marks nothing insecure, and says where a private CA would go.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Final, Protocol
 
 from aiohttp import web
 
 from proxy.core.errors import Code, OciError
 from proxy.core.routing import DOCKER_HUB
 from proxy.web import keys
+from proxy.web.address import reached_at
 
 DEFAULT_DIR: Final = "_default"
-# host[:port]: a DNS name or IPv4 address, or a bracketed IPv6 literal. Nothing else, so a
-# client-supplied Host header can never put a quote, newline or path into a generated file.
-_HOST: Final = re.compile(
-    r"(?:[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?|\[[0-9a-f:.]{2,45}\])(?::(?P<port>[0-9]{1,5}))?",
-    re.IGNORECASE,
-)
 # The endpoint containerd falls back to when the mirror fails: the registry's own API host.
 # Docker Hub's API is not at its name.
 _REAL_ENDPOINT: Final = {DOCKER_HUB: "https://registry-1.docker.io"}
@@ -45,15 +40,7 @@ def _q(value: str) -> str:
     return json.dumps(value)
 
 
-def proxy_address(host_header: str | None, fallback: str) -> str:
-    """The address a client used to reach us, if its Host header is a plain ``host[:port]``."""
-    match = _HOST.fullmatch(host_header or "")
-    if match is None or (match["port"] is not None and not 0 < int(match["port"]) < 65536):
-        return fallback
-    return match[0].lower()
-
-
-def docker_daemon_json(proxy: str, upstreams: Sequence[str]) -> str:
+def docker_daemon_json(proxy: str, upstreams: Sequence[str], *, tls: bool = False) -> str:
     """``/etc/docker/daemon.json``. The daemon sends Docker Hub names without naming the
     registry, so they reach the default upstream, which therefore has to be Docker Hub."""
     if not upstreams or upstreams[0] != DOCKER_HUB:
@@ -62,11 +49,15 @@ def docker_daemon_json(proxy: str, upstreams: Sequence[str]) -> str:
             "Docker mirrors only Docker Hub, and docker.io is not this proxy's default upstream",
             {"default": upstreams[0] if upstreams else None},
         )
-    doc = {"registry-mirrors": [f"http://{proxy}"], "insecure-registries": [proxy]}
+    doc: dict[str, list[str]] = {"registry-mirrors": [f"{_scheme(tls)}://{proxy}"]}
+    if not tls:
+        doc["insecure-registries"] = [proxy]
     return json.dumps(doc, indent=2) + "\n"
 
 
-def containerd_hosts_toml(proxy: str, registry: str, upstreams: Sequence[str], *, override_path: bool) -> str:
+def containerd_hosts_toml(
+    proxy: str, registry: str, upstreams: Sequence[str], *, override_path: bool, tls: bool = False
+) -> str:
     """``<config_path>/<registry>/hosts.toml``. containerd adds ``?ns=<registry>`` to every
     request to a mirror, which is how the proxy picks the upstream; the path form
     (``override_path``) names it in the URL instead, for setups that strip queries."""
@@ -81,16 +72,20 @@ def containerd_hosts_toml(proxy: str, registry: str, upstreams: Sequence[str], *
     if registry != DEFAULT_DIR:
         # Where containerd goes when the proxy fails or lacks the image.
         lines.append(f"server = {_q(_REAL_ENDPOINT.get(registry, f'https://{registry}'))}")
-    url = f"http://{proxy}/v2/{registry}" if override_path else f"http://{proxy}"
+    url = f"{_scheme(tls)}://{proxy}" + (f"/v2/{registry}" if override_path else "")
     lines += ["", f"[host.{_q(url)}]", '  capabilities = ["pull", "resolve"]']
     if override_path:
         lines.append("  override_path = true")
+    if tls:
+        lines.append(f"  # ca = {_q(f'/etc/containerd/certs.d/{registry}/ocicache-ca.crt')}  # a private CA")
     return "\n".join(lines) + "\n"
 
 
-def registries_conf(proxy: str, upstreams: Sequence[str]) -> str:
+def registries_conf(proxy: str, upstreams: Sequence[str], *, tls: bool = False) -> str:
     """``/etc/containers/registries.conf`` (v2): the registry goes in the mirror's path."""
     lines = [f"# registries.conf: pull through ocicache at {proxy}"]
+    if tls:
+        lines.append(f"# A private CA goes in /etc/containers/certs.d/{proxy}/ca.crt")
     for name in upstreams:
         if ":" in name:
             # "host:port" is not a valid path component of an image reference.
@@ -103,32 +98,48 @@ def registries_conf(proxy: str, upstreams: Sequence[str]) -> str:
             f"location = {_q(name)}",
             "[[registry.mirror]]",
             f"location = {_q(f'{proxy}/{name}')}",
-            "insecure = true",
         ]
+        if not tls:
+            lines.append("insecure = true")
     return "\n".join(lines) + "\n"
 
 
-def buildkitd_toml(proxy: str, upstreams: Sequence[str]) -> str:
+def buildkitd_toml(proxy: str, upstreams: Sequence[str], *, tls: bool = False) -> str:
     """``/etc/buildkit/buildkitd.toml``. BuildKit resolves through containerd's resolver, so
     the mirror gets ``?ns=<registry>`` as with containerd; the proxy's own entry says HTTP."""
     lines = [f"# buildkitd.toml: pull through ocicache at {proxy}"]
     for name in upstreams:
         lines += ["", f"[registry.{_q(name)}]", f"  mirrors = [{_q(proxy)}]"]
-    lines += ["", f"[registry.{_q(proxy)}]", "  http = true", "  insecure = true"]
+    if tls:
+        lines += ["", f"[registry.{_q(proxy)}]", '  # ca = ["/etc/buildkit/ocicache-ca.crt"]  # a private CA']
+    else:
+        lines += ["", f"[registry.{_q(proxy)}]", "  http = true", "  insecure = true"]
     return "\n".join(lines) + "\n"
 
 
-def k3s_registries_yaml(proxy: str, upstreams: Sequence[str]) -> str:
+def k3s_registries_yaml(proxy: str, upstreams: Sequence[str], *, tls: bool = False) -> str:
     """``/etc/rancher/k3s/registries.yaml`` (k3s and RKE2 write containerd hosts.toml from it)."""
     lines = [f"# registries.yaml: pull through ocicache at {proxy}", "mirrors:"]
     for name in upstreams:
-        lines += [f"  {_q(name)}:", "    endpoint:", f"      - {_q(f'http://{proxy}')}"]
+        lines += [f"  {_q(name)}:", "    endpoint:", f"      - {_q(f'{_scheme(tls)}://{proxy}')}"]
+    if tls:
+        lines += [
+            "# A private CA:",
+            "# configs:",
+            f"#   {_q(proxy)}:",
+            "#     tls:",
+            '#       ca_file: "/etc/rancher/k3s/ocicache-ca.crt"',
+        ]
     return "\n".join(lines) + "\n"
 
 
-def _simple(generate: Callable[[str, Sequence[str]], str]) -> Callable[[str, web.Request], str]:
+class _Generator(Protocol):
+    def __call__(self, proxy: str, upstreams: Sequence[str], *, tls: bool = False) -> str: ...
+
+
+def _simple(generate: _Generator) -> Callable[[str, web.Request], str]:
     def render(proxy: str, request: web.Request) -> str:
-        return generate(proxy, _upstream_names(request))
+        return generate(proxy, _upstream_names(request), tls=_tls(request))
 
     return render
 
@@ -137,12 +148,22 @@ def _containerd(proxy: str, request: web.Request) -> str:
     registry = request.query.get("registry")
     if not registry:
         raise OciError(
-            Code.NAME_UNKNOWN,
+            Code.REQUEST_INVALID,
             "registry= is required: a configured upstream, or _default",
             {"registries": [*_upstream_names(request), DEFAULT_DIR]},
         )
     override = request.query.get("override_path", "").lower() in _TRUE
-    return containerd_hosts_toml(proxy, registry, _upstream_names(request), override_path=override)
+    return containerd_hosts_toml(
+        proxy, registry, _upstream_names(request), override_path=override, tls=_tls(request)
+    )
+
+
+def _tls(request: web.Request) -> bool:
+    return request.app[keys.SETTINGS].tls is not None
+
+
+def _scheme(tls: bool) -> str:
+    return "https" if tls else "http"
 
 
 def _upstream_names(request: web.Request) -> list[str]:
@@ -166,7 +187,5 @@ async def setup(request: web.Request) -> web.Response:
         raise OciError(Code.NAME_UNKNOWN, "no such setup", {"clients": sorted(CLIENTS)})
     render, content_type = entry
     # Without a usable Host header: loopback on the port this request arrived on.
-    sockname = request.transport.get_extra_info("sockname") if request.transport else None
-    port = sockname[1] if isinstance(sockname, tuple) else request.app[keys.SETTINGS].listen_port
-    proxy = proxy_address(request.headers.get("Host"), f"127.0.0.1:{port}")
+    proxy = reached_at(request, request.app[keys.SETTINGS].listen_port)
     return web.Response(text=render(proxy, request), content_type=content_type, charset="utf-8")

@@ -6,6 +6,9 @@ response headers have left the transport's buffer, we ``dup`` the connection's s
 ``os.sendfile`` on the duplicate, waiting for writability with ``add_writer`` on the duplicate
 (uvloop refuses ``add_writer`` on a descriptor its transport owns). The bytes we send bypass the
 transport, so nothing may sit in its buffer while we do: :func:`_flush` waits for it to empty.
+
+Over TLS the socket carries records the kernel cannot make, so there the bytes are read in
+bounded chunks (in a worker thread) and written through the transport instead.
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ SLICE: Final = 8 * 1024 * 1024
 # copying then uses the other cores while the loop serves other connections. Smaller ones are
 # cheaper inline than the thread hop.
 THREADED_MIN: Final = 2 * 1024 * 1024
+# Read-and-write chunk over TLS: one chunk in memory per connection, plus the transport's buffer.
+COPY_CHUNK: Final = 256 * 1024
+
+
+class FileShrunk(ConnectionResetError):
+    """The file ended before the bytes promised: it changed on disk behind our back."""
 
 
 async def _sendfile_in_thread(
@@ -71,11 +80,14 @@ async def send_file(
     """Send ``count`` bytes of ``fd`` from ``offset`` on the request's connection.
 
     The response must be prepared (headers serialised). Raises ConnectionResetError when the
-    client goes away, or when the file is shorter than promised.
+    client goes away, and :class:`FileShrunk` (one) when the file is shorter than promised.
     """
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("client went away")
+    if transport.get_extra_info("sslcontext") is not None:
+        await _send_copied(transport, writer, fd, offset, count)
+        return
     send_headers = getattr(writer, "send_headers", None)
     if send_headers is not None:
         # aiohttp >= 3.10 holds headers back to join them with the first body write.
@@ -100,10 +112,25 @@ async def send_file(
             except (BrokenPipeError, ConnectionError) as exc:
                 raise ConnectionResetError("client went away") from exc
             if sent == 0:
-                raise ConnectionResetError("file shorter than announced")
+                raise FileShrunk("file shorter than announced")
             offset += sent
             count -= sent
             if count and sent >= SLICE and size < THREADED_MIN:
                 await asyncio.sleep(0)
     finally:
         os.close(out)
+
+
+async def _send_copied(
+    transport: asyncio.Transport, writer: AbstractStreamWriter, fd: int, offset: int, count: int
+) -> None:
+    loop = asyncio.get_running_loop()
+    while count > 0:
+        chunk = await loop.run_in_executor(None, os.pread, fd, min(count, COPY_CHUNK), offset)
+        if not chunk:
+            raise ConnectionResetError("file shorter than announced")
+        if transport.is_closing():
+            raise ConnectionResetError("client went away")
+        await writer.write(chunk)  # waits while the client is slow, so memory stays bounded
+        offset += len(chunk)
+        count -= len(chunk)

@@ -16,6 +16,7 @@ from proxy.flows.fills import Fill
 from proxy.web import keys
 from tests.conftest import Proxy, StartProxy
 from tests.support.fake_upstream import BlobFaults, FakeUpstream
+from tests.support.images import MANIFEST_ACCEPT, OCI_MANIFEST, make_image
 
 MiB = 1024 * 1024
 
@@ -182,10 +183,12 @@ async def test_upstream_reset_midway_is_resumed_with_range(
     url = blob_url(proxy, digest)
     bodies = await asyncio.gather(*(fetch(session, url) for _ in range(3)))
     assert all(body == data for body in bodies)
-    assert fake.count(origin="registry", method="GET", path_contains="/blobs/") == 2
-    assert fake.count(origin="registry", method="GET", path_contains="/blobs/", with_range=True) == 1
-    ranged = next(s for s in fake.seen if "range" in s.headers)
-    start = int(ranged.headers["range"].removeprefix("bytes=").rstrip("-"))
+    gets = [s for s in fake.seen if s.method == "GET" and "/blobs/" in s.path]
+    assert len(gets) == 2
+    # The first asks from 0 (for the first part of a blob that might be large); the resume
+    # asks for the rest, from where the reset left it.
+    assert gets[0].headers["range"].startswith("bytes=0-")
+    start = int(gets[1].headers["range"].removeprefix("bytes=").partition("-")[0])
     assert 0 < start <= 3 * MiB
     assert digest in (await proxy.cached())
 
@@ -310,3 +313,125 @@ async def test_no_task_is_left_when_the_app_shuts_down(
     fill_tasks = [t for t in asyncio.all_tasks() if t.get_name().startswith("fill ")]
     assert fill_tasks == []
     assert r.proxy.temp_files() == []
+
+
+async def test_with_cancel_abandoned_fills_every_finished_download_is_cached(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    # A client that got the verified last byte leaves while the fill still fsyncs and renames:
+    # that fill must not be cancelled as abandoned.
+    proxy = await start_proxy({"docker.io": fake.url}, cancel_abandoned_fills=True)
+    blobs = {fake.add_blob(os.urandom(MiB + i)): i for i in range(20)}
+    for digest in blobs:
+        assert sha(await fetch(session, blob_url(proxy, digest))) == digest
+    cached = await proxy.cached()
+    assert set(blobs) <= cached
+    # The index knows every file on disk, and nothing else.
+    cache = proxy.app[keys.CACHE]
+    assert len(cache) == len(cached)
+    assert cache.total == sum(b.size for b in proxy.app[keys.STORAGE].scan())
+    metrics = (await (await session.get(f"{proxy.url}/metrics")).read()).decode()
+    assert 'ocicache_fills_total{outcome="committed"} 20.0' in metrics
+
+
+async def range_during_stall(
+    start_proxy: StartProxy,
+    fake: FakeUpstream,
+    session: aiohttp.ClientSession,
+    faults: BlobFaults,
+    **settings: object,
+) -> tuple[Proxy, bytes, str, asyncio.Task[int]]:
+    """A cold 1 MiB blob whose fill is stalled upstream at 512 KiB, with one whole-body reader."""
+    data = os.urandom(MiB)
+    digest = fake.add_blob(data)
+    fake.faults[digest] = faults
+    proxy = await start_proxy({"docker.io": fake.url}, **settings)
+    whole = asyncio.create_task(fetch_expecting_abort(session, blob_url(proxy, digest)))
+    await faults.stalled.wait()
+    return proxy, data, digest, whole
+
+
+async def test_a_range_of_a_fill_is_served_early_but_promises_nothing_and_is_reported(
+    start_proxy: StartProxy,
+    fake: FakeUpstream,
+    session: aiohttp.ClientSession,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    faults = BlobFaults(stall_at=512 * 1024, corrupt_at=10)
+    proxy, data, digest, whole = await range_during_stall(start_proxy, fake, session, faults)
+    headers = {"Range": "bytes=0-99", "User-Agent": "lazy-puller/1.0"}
+    async with session.get(blob_url(proxy, digest), headers=headers) as resp:
+        assert resp.status == 206
+        assert await resp.read() != data[:100]  # upstream's bad bytes, sent before the check
+        assert "ETag" not in resp.headers
+        assert "immutable" not in resp.headers.get("Cache-Control", "")
+        assert resp.headers["Cache-Control"] == "no-store"
+        assert resp.headers["Docker-Content-Digest"] == digest
+    faults.resume()
+    assert await whole < len(data)  # the whole body is aborted, as ever
+    await proxy.app[keys.FILLS].settled()
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if "unverified_ranges_of_failed_fill" in line)
+    assert "lazy-puller/1.0" in line and "127.0.0.1" in line
+    assert digest not in await proxy.cached()
+
+
+async def test_verified_ranges_only_waits_for_the_digest(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    faults = BlobFaults(stall_at=512 * 1024, corrupt_at=10)
+    proxy, _, digest, whole = await range_during_stall(
+        start_proxy, fake, session, faults, verified_ranges_only=True
+    )
+    ranged = asyncio.create_task(session.get(blob_url(proxy, digest), headers={"Range": "bytes=0-99"}))
+    faults.resume()
+    resp = await ranged
+    # The fill failed before anything was sent: an honest error, not bad bytes.
+    assert resp.status == 502
+    resp.release()
+    await whole
+    # A good blob: the range arrives after verification, with the verified headers.
+    del fake.faults[digest]
+    good = BlobFaults(stall_at=512 * 1024)
+    other = fake.add_blob(os.urandom(MiB))
+    fake.faults[other] = good
+    whole2 = asyncio.create_task(fetch(session, blob_url(proxy, other)))
+    await good.stalled.wait()
+    ranged = asyncio.create_task(session.get(blob_url(proxy, other), headers={"Range": "bytes=0-99"}))
+    good.resume()
+    resp = await ranged
+    assert resp.status == 206
+    assert resp.headers["ETag"] == f'"{other}"'
+    assert sha(await whole2) == other
+    resp.release()
+
+
+async def test_downloads_beyond_the_connection_limit_wait_their_turn_and_manifests_do_not(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    limit, extra = 4, 3
+    blobs = [fake.add_blob(os.urandom(256 * 1024 + i)) for i in range(limit + extra)]
+    for digest in blobs:
+        fake.faults[digest] = BlobFaults(stall_at=1000)
+    manifest = make_image(seed=80).manifest
+    fake.add_manifest("library/app", manifest, OCI_MANIFEST, tag="v1")
+    # A connect timeout far shorter than the wait: waiting for a turn is not connecting.
+    proxy = await start_proxy(
+        {"docker.io": fake.url}, upstream_blob_connections=limit, blob_connect_timeout=0.05
+    )
+    slots = proxy.app[keys.UPSTREAMS]["docker.io"].blob_slots
+    queued = asyncio.Event()
+    slots.observers.append(lambda s: queued.set() if s.waiting == extra and s.busy == limit else None)
+    clients = [asyncio.create_task(fetch(session, blob_url(proxy, d))) for d in blobs]
+    await queued.wait()
+    # Every connection is busy with a stalled blob; a manifest still gets through at once.
+    async with session.get(
+        f"{proxy.url}/v2/library/app/manifests/v1", headers={"Accept": MANIFEST_ACCEPT}
+    ) as resp:
+        assert resp.status == 200
+        assert await resp.read() == manifest
+    for digest in blobs:
+        fake.faults[digest].resume()
+    bodies = await asyncio.gather(*clients)
+    assert [sha(b) for b in bodies] == blobs
+    assert fake.count(method="GET", path_contains="/blobs/") == limit + extra

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -78,6 +79,11 @@ class _Blob:
     repos: set[str] | None  # None: any repository may serve it
 
 
+def tags_key(name: str) -> str:
+    """The key of ``FakeUpstream.faults`` for the tags list of ``name``."""
+    return f"tags {name}"
+
+
 def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -123,8 +129,14 @@ class FakeUpstream:
         self.token_url = ""
         self.cdn_url = ""
         self.seen: list[Seen] = []
+        # Called with every request as it arrives: tests that act at the n-th request.
+        self.observers: list[Callable[[Seen], None]] = []
         self.faults: dict[str, BlobFaults] = {}
         self.rate_limit_next = 0
+        # Answer every blob request with the whole blob, as some registries and CDNs do.
+        self.ignore_ranges = False
+        # Body bytes sent per digest (blob, manifest or tags key): what upstream paid.
+        self.sent_bytes: dict[str, int] = {}
         self.retry_after = 7
         self.ratelimit_remaining: int | None = None
         self.private_repos: set[str] = set()
@@ -154,6 +166,10 @@ class FakeUpstream:
         if tag is not None:
             tags[tag] = digest
         return digest
+
+    def delete_tag(self, name: str, tag: str) -> None:
+        """Upstream forgets a tag (the manifest stays reachable by digest)."""
+        self._tags.get(name, {}).pop(tag, None)
 
     def add_image(self, name: str, image: Image, tag: str | None = None) -> str:
         """An image's blobs, and its manifest under ``name`` (and ``tag``); its digest."""
@@ -234,7 +250,10 @@ class FakeUpstream:
         async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
             # Recorded on arrival, so a stalled request is already visible.
             headers = {k.lower(): v for k, v in request.headers.items()}
-            self.seen.append(Seen(origin, request.method, request.path, dict(request.query), headers))
+            seen = Seen(origin, request.method, request.path, dict(request.query), headers)
+            self.seen.append(seen)
+            for observe in self.observers:
+                observe(seen)
             if origin == "registry" and self.rate_limit_next > 0 and request.path.startswith("/v2/"):
                 self.rate_limit_next -= 1  # after recording: 429s count as requests too
                 return _error(429, "TOOMANYREQUESTS", "rate limited", {"Retry-After": str(self.retry_after)})
@@ -321,7 +340,7 @@ class FakeUpstream:
         if denied is not None:
             return denied
         if kind == "tags":
-            return self._tags_list(request, name)
+            return await self._tags_list(request, name)
         if kind == "manifests":
             return await self._manifest(request, name, ref)
         return await self._registry_blob(request, name, ref)
@@ -344,7 +363,8 @@ class FakeUpstream:
             raise web.HTTPTemporaryRedirect(f"{self.cdn_url}/blobs/{digest}?sig={sig}")
         return await self._send(request, blob.data, digest, "application/octet-stream", ranged=True)
 
-    def _tags_list(self, request: web.Request, name: str) -> web.Response:
+    async def _tags_list(self, request: web.Request, name: str) -> web.StreamResponse:
+        """The tags of ``name``; streamed like a blob, so ``faults[tags_key(name)]`` applies."""
         if name not in self._tags:
             return _error(404, "NAME_UNKNOWN", f"repository unknown: {name}")
         tags = sorted(self._tags[name])
@@ -359,7 +379,10 @@ class FakeUpstream:
             if n < len(tags) and n > 0:
                 headers["Link"] = f'</v2/{name}/tags/list?n={n}&last={tags[n - 1]}>; rel="next"'
             tags = tags[: max(n, 0)]
-        return web.json_response({"name": name, "tags": tags}, headers=headers)
+        body = json.dumps({"name": name, "tags": tags}).encode()
+        return await self._send(
+            request, body, tags_key(name), "application/json", ranged=False, extra=headers
+        )
 
     async def _cdn_blob(self, request: web.Request) -> web.StreamResponse:
         if "Authorization" in request.headers:
@@ -372,11 +395,20 @@ class FakeUpstream:
         return await self._send(request, blob.data, digest, "application/octet-stream", ranged=True)
 
     async def _send(
-        self, request: web.Request, data: bytes, digest: str, media_type: str, *, ranged: bool
+        self,
+        request: web.Request,
+        data: bytes,
+        digest: str,
+        media_type: str,
+        *,
+        ranged: bool,
+        extra: dict[str, str] | None = None,
     ) -> web.StreamResponse:
-        headers = {"Content-Type": media_type, "Docker-Content-Digest": digest, "ETag": f'"{digest}"'}
+        headers = {"Content-Type": media_type, **(extra or {})}
+        if digest.startswith("sha256:"):
+            headers |= {"Docker-Content-Digest": digest, "ETag": f'"{digest}"'}
         start, stop, status = 0, len(data), 200
-        if ranged:
+        if ranged and not self.ignore_ranges:
             headers["Accept-Ranges"] = "bytes"
             span = _byte_range(request.headers.get("Range"), len(data))
             if span is not None and span[0] >= span[1]:
@@ -395,7 +427,9 @@ class FakeUpstream:
             return resp
         self._streaming.add(transport)
         try:
-            await self._stream(request, resp, data, start, stop, self.faults.get(digest) or BlobFaults())
+            await self._stream(
+                request, resp, data, start, stop, self.faults.get(digest) or BlobFaults(), digest
+            )
         except ConnectionError:
             pass  # the client hung up mid-body (or close() cut it); not a failure of the fake
         finally:
@@ -410,6 +444,7 @@ class FakeUpstream:
         start: int,
         stop: int,
         f: BlobFaults,
+        digest_key: str,
     ) -> None:
         body = data[start:stop]
         if f.corrupt_at is not None and start <= f.corrupt_at < stop:
@@ -441,6 +476,7 @@ class FakeUpstream:
             marks = [m for m in (reset_at, stall_at) if m is not None and m > sent]
             end = min(len(body), sent + step, *marks)
             await resp.write(body[sent:end])
+            self.sent_bytes[digest_key] = self.sent_bytes.get(digest_key, 0) + (end - sent)
             if f.throttle_bps is not None:
                 await asyncio.sleep((end - sent) / f.throttle_bps)  # fake throttle
             sent = end

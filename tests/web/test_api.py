@@ -40,6 +40,9 @@ async def test_base_endpoint(
         assert await resp.json() == {}
 
 
+# What a cache directory holds, and nothing else (the database's WAL files included).
+CACHE_LAYOUT = ["blobs", "index.db", "index.db-shm", "index.db-wal", "lock", "tmp"]
+
 BAD_REQUESTS = [
     ("GET /v2/../../etc/passwd HTTP/1.1", {}, 400, "NAME_INVALID"),
     ("GET /v2/%2e%2e/%2e%2e/etc/passwd/manifests/latest HTTP/1.1", {}, 400, "NAME_INVALID"),
@@ -61,6 +64,14 @@ BAD_REQUESTS = [
     ("PATCH /v2/library/alpine/blobs/uploads/x HTTP/1.1", {"Content-Length": "0"}, 405, "UNSUPPORTED"),
     (f"DELETE /v2/library/alpine/blobs/sha256:{'a' * 64} HTTP/1.1", {}, 405, "UNSUPPORTED"),
     ("GET /v2/library/alpine/tags/list?n=x HTTP/1.1", {}, 400, "PAGINATION_NUMBER_INVALID"),
+    ("GET /v2/library/alpine/tags/list?n=%C2%B2 HTTP/1.1", {}, 400, "PAGINATION_NUMBER_INVALID"),
+    ("GET /v2/library/alpine/tags/list?n=-1 HTTP/1.1", {}, 400, "PAGINATION_NUMBER_INVALID"),
+    # Over aiohttp's header limits: refused by its parser, still in the OCI envelope.
+    ("GET /v2/ HTTP/1.1", {"X-Big": "a" * 9000}, 400, "REQUEST_INVALID"),
+    ("GET /v2/ HTTP/1.1", {f"X-H{i}": "v" for i in range(200)}, 400, "REQUEST_INVALID"),
+    ("GET /v2/" + "a" * 9000 + " HTTP/1.1", {}, 400, "REQUEST_INVALID"),
+    ("NOT-HTTP", {}, 400, "REQUEST_INVALID"),
+    ("GET /v2/ HTTP/1.1", {"Bad\x01Header": "x"}, 400, "REQUEST_INVALID"),
 ]
 
 
@@ -75,7 +86,7 @@ async def test_bad_input_gets_a_4xx_oci_error_and_the_proxy_keeps_serving(
     assert b"Traceback" not in body
     # Nothing reached upstream, and no file was created outside the cache's own layout.
     assert fake.seen == []
-    assert sorted(os.listdir(proxy.settings.cache_dir)) == ["blobs", "records", "tmp"]
+    assert sorted(os.listdir(proxy.settings.cache_dir)) == CACHE_LAYOUT
     status_after, _ = await raw_request(proxy.server.port or 0, "GET /v2/ HTTP/1.1")
     assert status_after == 200
 
@@ -213,3 +224,51 @@ async def test_head_of_an_uncached_blob_asks_upstream_and_downloads_nothing(
         assert resp.status == 404
     assert fake.count(method="GET", path_contains="/blobs/") == 0
     assert digest not in (await proxy.cached())
+
+
+async def test_digit_bombs_are_answered_not_crashed_on(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    data = os.urandom(1000)
+    digest = fake.add_blob(data)
+    fake.add_manifest("library/app", make_image(seed=8).manifest, OCI_MANIFEST, tag="t1")
+    proxy = await start_proxy({"docker.io": fake.url}, tags_page_max=3)
+    url = f"{proxy.url}/v2/library/app/blobs/{digest}"
+    async with session.get(url) as resp:
+        assert await resp.read() == data
+    bomb = "9" * 5000
+    # A last byte past the end is clamped to the end; a first byte past it cannot be served.
+    async with session.get(url, headers={"Range": f"bytes=0-{bomb}"}) as resp:
+        assert resp.status == 206
+        assert await resp.read() == data
+    async with session.get(url, headers={"Range": f"bytes={bomb}-"}) as resp:
+        assert resp.status == 416
+    async with session.get(url, headers={"Range": f"bytes=-{bomb}"}) as resp:
+        assert resp.status == 206
+        assert await resp.read() == data
+    async with session.get(url, headers={"Range": "bytes=\u00b2-"}) as resp:
+        assert resp.status == 416
+    async with session.get(f"{proxy.url}/v2/library/app/tags/list?n={bomb}") as resp:
+        assert resp.status == 200
+        assert (await resp.json())["tags"] == ["t1"]
+    sent = [s for s in fake.seen if s.path.endswith("/tags/list")]
+    assert sent[-1].query["n"] == "3"
+
+
+async def test_the_next_page_link_keeps_the_upstream_a_client_chose(
+    start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    async with FakeUpstream() as hub, FakeUpstream() as other:
+        for i in range(5):
+            other.add_manifest("org/app", make_image(seed=60 + i).manifest, OCI_MANIFEST, tag=f"t{i}")
+        proxy = await start_proxy({"docker.io": hub.url, "ghcr.io": other.url})
+        tags: list[str] = []
+        url: str | None = f"{proxy.url}/v2/org/app/tags/list?n=2&ns=ghcr.io"
+        while url is not None:
+            async with session.get(url) as resp:
+                assert resp.status == 200, await resp.text()
+                tags += (await resp.json())["tags"]
+                link = resp.headers.get("Link")
+            url = None if link is None else proxy.url + link.split(";")[0].strip("<>")
+        assert tags == [f"t{i}" for i in range(5)]
+        assert hub.count(path_contains="/tags/list") == 0

@@ -14,12 +14,12 @@ import pytest
 import yaml
 
 from proxy.core.errors import Code, OciError
+from proxy.core.hostheader import proxy_address
 from proxy.web.setup import (
     buildkitd_toml,
     containerd_hosts_toml,
     docker_daemon_json,
     k3s_registries_yaml,
-    proxy_address,
     registries_conf,
 )
 from tests.conftest import StartProxy
@@ -227,7 +227,9 @@ async def test_every_setup_parses(start_proxy: StartProxy, target: str) -> None:
     ("target", "status", "code"),
     [
         ("/setup/containerd?registry=quay.io", 404, "NAME_UNKNOWN"),
-        ("/setup/containerd", 404, "NAME_UNKNOWN"),
+        # A missing parameter is a bad request, not an unknown name.
+        ("/setup/containerd", 400, "REQUEST_INVALID"),
+        ("/setup/containerd?registry=", 400, "REQUEST_INVALID"),
         ("/setup/containerd?registry=_default&override_path=true", 400, "NAME_INVALID"),
         ("/setup/nerdctl", 404, "NAME_UNKNOWN"),
     ],

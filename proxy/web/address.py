@@ -1,0 +1,14 @@
+"""The address a request reached us at: its Host header when that is a plain ``host[:port]``,
+else loopback and the port the request came in on (or ``default_port``)."""
+
+from __future__ import annotations
+
+from aiohttp import hdrs, web
+
+from proxy.core.hostheader import proxy_address
+
+
+def reached_at(request: web.BaseRequest, default_port: int) -> str:
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    port = sockname[1] if isinstance(sockname, tuple) else default_port
+    return proxy_address(request.headers.get(hdrs.HOST), f"127.0.0.1:{port}")
