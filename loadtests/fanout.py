@@ -110,6 +110,7 @@ class BenchConfig:
     stalled: int = STALLED_CLIENTS  # 0: skip the stalled-client check
     warm: bool = True  # also time a warm read after each cold one
     proxy_loop: LoopKind = "uvloop"  # ocicache's --event-loop
+    ocicache_args: tuple[str, ...] = ()  # more of ocicache's flags (a --config file, say)
     # Client processes. One process reading and hashing 20 copies saturates a core (measured:
     # 3.5 s of CPU in a 3.6 s run), so the default spreads the clients over every core; 1 runs
     # them in this process.
@@ -387,12 +388,14 @@ class RunningProxy:
 
 
 @contextlib.asynccontextmanager
-async def ocicache_proxy(workdir: Path, upstream: str, loop: LoopKind) -> AsyncIterator[RunningProxy]:
+async def ocicache_proxy(
+    workdir: Path, upstream: str, loop: LoopKind, extra: Sequence[str] = ()
+) -> AsyncIterator[RunningProxy]:
     # Info, in JSON (ocicache's defaults, said outright): the fill's own log line is what
     # settle() waits for. It costs one line per request besides, a few dozen per run.
     server = await asyncio.to_thread(
         start_ocicache, workdir, {"docker.io": upstream},
-        "--log-level", "info", "--log-format", "json", "--event-loop", loop, follow_log=True,
+        "--log-level", "info", "--log-format", "json", "--event-loop", loop, *extra, follow_log=True,
     )  # fmt: skip
     try:
         assert isinstance(server, FollowedServer)
@@ -439,10 +442,10 @@ async def distribution_proxy(workdir: Path, upstream: str) -> AsyncIterator[Runn
 
 
 def open_proxy(
-    kind: ProxyKind, workdir: Path, upstream: str, loop: LoopKind
+    kind: ProxyKind, workdir: Path, upstream: str, config: BenchConfig
 ) -> contextlib.AbstractAsyncContextManager[RunningProxy]:
     if kind == "ocicache":
-        return ocicache_proxy(workdir, upstream, loop)
+        return ocicache_proxy(workdir, upstream, config.proxy_loop, config.ocicache_args)
     return distribution_proxy(workdir, upstream)
 
 
@@ -599,7 +602,7 @@ async def _one_proxy_run(
     # distribution fetches once per client it streams to and once more to store the blob.
     timeout = run_timeout(config, layer.size, whole + stalled + 1)
     try:
-        async with open_proxy(kind, workdir, upstream.url, config.proxy_loop) as proxy:
+        async with open_proxy(kind, workdir, upstream.url, config) as proxy:
 
             async def measure(stalling: int) -> ClientRun:
                 async with asyncio.timeout(timeout):
@@ -648,7 +651,8 @@ def machine_info(config: BenchConfig, registry_version: str) -> dict[str, str]:
         "cpu": cpu,
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "ocicache loop": config.proxy_loop,
+        "ocicache loop": config.proxy_loop
+        + (f", flags {' '.join(config.ocicache_args)}" if config.ocicache_args else ""),
         "clients": (
             f"aiohttp {aiohttp.__version__} on uvloop in {config.client_procs} worker processes"
             if config.client_procs > 1
@@ -932,6 +936,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--proxy-loop", choices=("uvloop", "asyncio"), default="uvloop", help="ocicache's loop")
     p.add_argument(
+        "--ocicache-arg",
+        action="append",
+        default=[],
+        help="one more flag for ocicache, repeatable (e.g. --ocicache-arg=--config --ocicache-arg=FILE)",
+    )
+    p.add_argument(
         "--upstream-mbps",
         type=float,
         help="put a link of this many megabytes (10^6 bytes) per second, shared by all their "
@@ -959,6 +969,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stalled=max(0, min(ns.stalled, 200)),
         warm=not ns.no_warm,
         proxy_loop=ns.proxy_loop,
+        ocicache_args=tuple(ns.ocicache_arg),
         client_procs=max(1, min(ns.client_procs, 64)),
         repeat=max(1, min(ns.repeat, 50)),
         deadline=ns.deadline,
