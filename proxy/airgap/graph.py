@@ -71,7 +71,7 @@ def platform_selected(platform: str | None, wanted: frozenset[str] | None) -> bo
     return False
 
 
-def _descriptor(entry: Any) -> Descriptor | None:
+def descriptor(entry: Any) -> Descriptor | None:
     if not isinstance(entry, dict):
         return None
     digest, media_type, size = entry.get("digest"), entry.get("mediaType", ""), entry.get("size")
@@ -93,7 +93,7 @@ def _descriptor(entry: Any) -> Descriptor | None:
 def _descriptors(entries: Any) -> tuple[Descriptor, ...]:
     if not isinstance(entries, list):
         return ()
-    found = [d for e in entries[:CHILDREN_MAX] if (d := _descriptor(e)) is not None]
+    found = [d for e in entries[:CHILDREN_MAX] if (d := descriptor(e)) is not None]
     return tuple(dict.fromkeys(found))
 
 
