@@ -220,7 +220,7 @@ class _Run:
                 await self._walk(ref, client, served.body, outcome, 0)
             except (OciError, FillFailed, PrefetchError, NotAManifest, OSError) as err:
                 outcome.error = reason(err)
-                log.warning("prefetch_failed", reference=str(ref), reason=outcome.error)
+                log.info("prefetch_failed", reference=str(ref), reason=outcome.error)
         self.progress.reference_finished(outcome)
         return outcome
 
