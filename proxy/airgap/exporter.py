@@ -147,6 +147,7 @@ async def export(
     platforms: frozenset[str] | None = None,
     progress: PrefetchProgress | None = None,
 ) -> ExportReport:
+    await engine.cache.checked()  # no file the start-up size check is about to drop
     plans: list[Planned] = []
     lacking: dict[ImageRef, list[str]] = {}
     for ref in references:

@@ -116,6 +116,7 @@ class ImportReport:
 
 async def import_layout(engine: Engine, source: Path) -> ImportReport:
     """Import ``source``; raises :class:`ArchiveRefused` and leaves the cache as it was."""
+    await engine.cache.checked()  # what the cache holds, as the start-up size check left it
     held = {d: e.size for d, e in engine.catalogue.blobs.items()}
     stop = threading.Event()
     staging = Staging(engine.storage, held, stop)
@@ -409,9 +410,10 @@ async def _commit(engine: Engine, source: Path, staging: Staging, read: _Read) -
             continue
         if temp is not None:
             temp.unlink(missing_ok=True)
-        if text in catalogue.blobs and not catalogue.has(text, BLOB):
-            await cache.add(digest, size, BLOB)  # held until now as a manifest only
-        report.already_cached += 1
+        if text in catalogue.blobs:  # (else this import's own additions evicted it: said below)
+            if not catalogue.has(text, BLOB):
+                await cache.add(digest, size, BLOB)  # held until now as a manifest only
+            report.already_cached += 1
     for text, info in read.manifests.items():
         report.manifests += 1
         temp = staging.pop(text)

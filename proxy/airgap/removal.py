@@ -78,6 +78,9 @@ async def remove_images(
     unused_for: float | None = None,
 ) -> RemovalReport:
     catalogue = engine.catalogue
+    # After the start-up size check, which drops rows of files gone wrong: what this removes
+    # and counts is then what it alone removes.
+    await engine.cache.checked()
     pinned = engine.pinned()
     rows = image_rows(catalogue, pinned)
     cutoff = time.time() - unused_for if unused_for is not None else None

@@ -87,6 +87,7 @@ def as_json(listing: Listing) -> str:
 
 def run(settings: Settings, ns: argparse.Namespace) -> int:
     async def work(engine: Engine) -> Listing:
+        await engine.cache.checked()
         rows = image_rows(engine.catalogue, engine.pinned())
         return Listing(rows, len(engine.catalogue.blobs), engine.catalogue.total, engine.cache.max_bytes)
 
