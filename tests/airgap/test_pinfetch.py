@@ -34,6 +34,8 @@ async def test_serve_fetches_missing_pins_at_start_and_not_again(
     again = await start_proxy({"docker.io": fake.url}, cache_dir=cache, pins=pins)
     assert await again.app[keys.PINS_FETCH] is None  # complete: nothing to do
     await again.server.close()
-    offline = await start_proxy({"docker.io": fake.url}, cache_dir=tmp_path / "other", pins=pins, offline=True)
+    offline = await start_proxy(
+        {"docker.io": fake.url}, cache_dir=tmp_path / "other", pins=pins, offline=True
+    )
     assert await offline.app[keys.PINS_FETCH] is None
     assert len(fake.seen) == gets
