@@ -65,7 +65,7 @@ log = structlog.get_logger("ocicache.import")
 ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
 GZIP_MAGIC: Final = b"\x1f\x8b"
 # The tar stream's read buffer.
-TAR_BUFFER: Final = 1024 * 1024
+TAR_BUFFER: Final = 256 * 1024
 # tarfile raises this (not in its __all__, stable since 3.2) for the all-zero block that ends
 # an archive; any other way for the members to stop means the archive was cut or is corrupt.
 _END_OF_ARCHIVE: Final[type[Exception]] = vars(tarfile)["EOFHeaderError"]
@@ -245,14 +245,14 @@ def _read_archive(path: Path, staging: Staging) -> list[Entry]:
                     f = tar.extractfile(m)
                     assert f is not None
                     if kind == "layout":
-                        check_layout_file(f.read(OCI_LAYOUT_MAX + 1))
+                        check_layout_file(f.read(min(m.size, OCI_LAYOUT_MAX + 1)))
                         layout = True
                     elif kind == "index":
                         if index is not None:
                             raise LayoutError("two index.json files")
                         if m.size > INDEX_JSON_MAX:
                             raise LayoutError(f"index.json is {m.size} bytes, more than {INDEX_JSON_MAX}")
-                        index = f.read(INDEX_JSON_MAX + 1)
+                        index = f.read(m.size)  # no more: a read of the limit would allocate it
                     else:
                         assert digest is not None
                         staging.take(digest, f, m.size, m.name)
@@ -321,11 +321,11 @@ def _real_dir(path: Path) -> bool:
 
 def _small_file(path: Path, limit: int) -> bytes:
     try:
-        fd, _ = _open_regular(path, limit)
+        fd, size = _open_regular(path, limit)
     except FileNotFoundError:
         raise LayoutError(f"no {path.name}: not an OCI image layout directory") from None
     with os.fdopen(fd, "rb") as f:
-        return f.read(limit + 1)
+        return f.read(size)  # its size, checked: a read of the limit would allocate the limit
 
 
 def _read_directory(root: Path, staging: Staging) -> tuple[list[Entry], Callable[[str], bool]]:
