@@ -117,6 +117,25 @@ async def test_prefetch_export_import_then_serve_offline_to_real_clients(
         assert f"served {SINGLE} {single.manifest_digest}" in out
         assert f"served {MULTI} {index.digest}" in out
 
+    # What skopeo makes imports too: an oci-archive and an oci: layout directory.
+    from_skopeo = tmp_path / "from-skopeo"
+    plain = offline_env(None)
+    src = f"docker://127.0.0.1:{registry.port}"
+    code, out = await run_tool(
+        "skopeo", "copy", "--src-tls-verify=false", f"{src}/library/single:v1",
+        f"oci-archive:{tmp_path / 'skopeo.tar'}:{SINGLE}", env=plain,
+    )  # fmt: skip
+    assert code == 0, out
+    code, out = await run_tool(
+        "skopeo", "copy", "--all", "--src-tls-verify=false", f"{src}/library/multi:v2",
+        f"oci:{tmp_path / 'skopeo-dir'}:{MULTI}", env=plain,
+    )  # fmt: skip
+    assert code == 0, out
+    for source in (tmp_path / "skopeo.tar", tmp_path / "skopeo-dir"):
+        code, out = await ocicache("import", str(source), "--cache-dir", str(from_skopeo), *up)
+        assert code == 0, out
+        assert "served docker.io/library/" in out
+
     # 4. No upstream process exists any more.
     await blocking(registry.stop)
     assert registry.proc.poll() is not None
@@ -142,7 +161,7 @@ async def test_prefetch_export_import_then_serve_offline_to_real_clients(
         assert await blocking(containerd.image_target, MULTI) == index.digest
         await blocking(containerd.ctr, "images", "rm", "--sync", SINGLE, MULTI, timeout=TIMEOUT)
 
-        for cache in (site, site_tar):
+        for cache in (site, site_tar, from_skopeo):
             async with serving(cache, {"docker.io": registry.url}, "--offline") as proxy:
                 assert "offline" in proxy.banner
                 base = f"docker://{proxy.host}"
