@@ -109,6 +109,8 @@ async def _visit(
     missing: list[str],
     depth: int,
 ) -> None:
+    if d.digest in planned.digests:
+        return  # listed again (an index may list one manifest many times): walked once
     loaded = await engine.manifests.load(Digest.parse(d.digest))
     if loaded is None:
         missing.append(f"{planned.reference}: manifest {d.digest} not cached")

@@ -91,6 +91,9 @@ class _Read:
     blobs: dict[str, int] = field(default_factory=dict)  # configs and layers -> size
     manifests: dict[str, ManifestInfo] = field(default_factory=dict)  # children before parents
     closures: dict[str, set[str]] = field(default_factory=dict)  # root -> every digest it needs
+    # Manifest -> every digest it needs, once walked: an index may list one manifest many
+    # times, nested, and each is still read once.
+    walked: dict[str, set[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -156,6 +159,12 @@ def _read(source: Path, staging: Staging) -> _Read:
 def _visit(
     read: _Read, staging: Staging, fetch: Callable[[str], bool], d: Descriptor, where: str, depth: int
 ) -> set[str]:
+    known = read.walked.get(d.digest)
+    if known is not None:
+        info = read.manifests[d.digest]
+        if d.size != info.size or (d.media_type and d.media_type != info.media_type):
+            raise LayoutError(f"{where}: the descriptor of {d.digest} does not describe it")
+        return known
     if not fetch(d.digest):
         raise LayoutError(f"{where} names {d.digest}, which is not in it")
     size = staging.size_of(d.digest)
@@ -197,8 +206,8 @@ def _visit(
                 )
             read.blobs[blob.digest] = blob.size
             needs.add(blob.digest)
-    if d.digest not in read.manifests:
-        read.manifests[d.digest] = ManifestInfo.of(kids.media_type, len(body), describe(body))
+    read.manifests[d.digest] = ManifestInfo.of(kids.media_type, len(body), describe(body))
+    read.walked[d.digest] = needs
     return needs
 
 

@@ -217,7 +217,7 @@ class _Run:
                 target: Digest | str = ref.digest if ref.digest is not None else str(ref.tag)
                 served = await self.engine.manifests.get(client, ref.repository, target, [])
                 outcome.digest, outcome.media_type = str(served.digest), served.media_type
-                await self._walk(ref, client, served.body, outcome, 0)
+                await self._walk(ref, client, served.body, outcome, 0, {served.digest.hex})
             except (OciError, FillFailed, PrefetchError, NotAManifest, OSError) as err:
                 outcome.error = reason(err)
                 log.info("prefetch_failed", reference=str(ref), reason=outcome.error)
@@ -225,8 +225,16 @@ class _Run:
         return outcome
 
     async def _walk(
-        self, ref: ImageRef, client: UpstreamClient, body: bytes, outcome: ReferenceOutcome, depth: int
+        self,
+        ref: ImageRef,
+        client: UpstreamClient,
+        body: bytes,
+        outcome: ReferenceOutcome,
+        depth: int,
+        walked: set[str],
     ) -> None:
+        """``walked``: the manifests of this reference already walked (an index may list one
+        many times, nested: each is walked once)."""
         outcome.manifests += 1
         self.report.manifests += 1
         kids = children(body)
@@ -246,8 +254,12 @@ class _Run:
             outcome.platforms = tuple(d.platform or "unknown" for d in chosen)
 
         async def child(d: Descriptor) -> None:
-            served = await self.engine.manifests.get(client, ref.repository, Digest.parse(d.digest), [])
-            await self._walk(ref, client, served.body, outcome, depth + 1)
+            digest = Digest.parse(d.digest)
+            if digest.hex in walked:
+                return
+            walked.add(digest.hex)
+            served = await self.engine.manifests.get(client, ref.repository, digest, [])
+            await self._walk(ref, client, served.body, outcome, depth + 1, walked)
 
         await _all(child(d) for d in chosen)
 
