@@ -30,7 +30,7 @@ from proxy.core.imageref import ImageRef
 from proxy.core.mediatypes import NotAManifest
 from proxy.core.reference import Digest
 from proxy.flows.engine import Engine
-from proxy.flows.fills import FillFailed
+from proxy.flows.fill import FillFailed
 from proxy.store.catalogue import Catalogue
 from proxy.store.pins import closure, roots_of
 from proxy.upstream.client import UpstreamClient

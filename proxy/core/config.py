@@ -113,6 +113,13 @@ class Settings:
     cancel_abandoned_fills: bool = False
     # Blob downloads open at once per upstream; more wait their turn (never time out waiting).
     upstream_blob_connections: int = 64
+    # A cold blob larger than the threshold is fetched as this many ranged GETs at once
+    # (1: one stream). Each counts against upstream_blob_connections.
+    fill_connections: int = 4
+    parallel_fill_threshold: int = 32 * 1024 * 1024
+    # A range request for bytes this far beyond what a download has reached gets them from a
+    # ranged upstream request of its own (lazy pullers), instead of waiting.
+    lazy_range_gap: int = 8 * 1024 * 1024
     # A Range request during a download is answered as the bytes arrive, before the digest is
     # checked (what lazy pullers need), unless this makes it wait for the verified whole.
     verified_ranges_only: bool = False
@@ -277,6 +284,9 @@ PARSERS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "tags_page_max": lambda k, v: parse_int(k, v, minimum=1, maximum=100_000),
     "cancel_abandoned_fills": parse_bool,
     "upstream_blob_connections": lambda k, v: parse_int(k, v, minimum=1),
+    "fill_connections": lambda k, v: parse_int(k, v, minimum=1, maximum=32),
+    "parallel_fill_threshold": parse_size,
+    "lazy_range_gap": parse_size,
     "verified_ranges_only": parse_bool,
     "log_level": parse_choice(("debug", "info", "warning", "error")),
     "log_format": parse_choice(("json", "console")),

@@ -17,6 +17,7 @@ the bytes are.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable
@@ -56,6 +57,12 @@ def accepted_types(accept_headers: Iterable[str]) -> frozenset[str] | None:
 
     Parameters are dropped except ``q=0``, which RFC 9110 12.4.2 defines as "not acceptable".
     """
+    return _accepted(tuple(accept_headers))
+
+
+@functools.lru_cache(maxsize=256)
+def _accepted(accept_headers: tuple[str, ...]) -> frozenset[str] | None:
+    # Clients send the same few headers on every request: a pure function worth remembering.
     types: set[str] = set()
     for header in accept_headers:
         for part in header.split(","):
@@ -86,6 +93,7 @@ def _is_q_zero(param: str) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=256)
 def accept_key(accepted: frozenset[str] | None) -> str:
     """A stable name for a set of accepted types; "anything" is the set we then ask for."""
     return ",".join(sorted(accepted if accepted is not None else MANIFEST_TYPES))

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Final
 
-from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError
 
 # Components separated by "/"; each is lowercase alphanumerics joined by ".", "_", "__" or "-"s.
@@ -47,8 +46,11 @@ class Digest:
         return f"{self.algorithm}:{self.hex}"
 
 
+_LOWER_HEX: Final = re.compile(r"[0-9a-f]+")
+
+
 def _is_lower_hex(text: str) -> bool:
-    return all(c in "0123456789abcdef" for c in text)
+    return _LOWER_HEX.fullmatch(text) is not None
 
 
 def validate_name(name: str) -> str:
@@ -117,56 +119,3 @@ def _name_part(text: str) -> str:
         if comp in ("", ".", "..") or not _COMPONENT_CHARS.fullmatch(comp):
             raise OciError(Code.NAME_INVALID, "invalid repository name", {"name": text[:300]})
     return text
-
-
-@dataclass(frozen=True, slots=True)
-class ByteRange:
-    """Inclusive ``first``..``last``, as in RFC 9110 14.1.1."""
-
-    first: int
-    last: int
-
-    @property
-    def length(self) -> int:
-        return self.last - self.first + 1
-
-    def content_range(self, size: int) -> str:
-        return f"bytes {self.first}-{self.last}/{size}"
-
-
-def parse_range(header: str | None, size: int) -> ByteRange | None:
-    """The single byte range a ``Range`` header asks for, or None for the whole body.
-
-    Several ranges are answered with the whole body, which RFC 9110 14.2 allows. A range that
-    is malformed or starts past the end is refused with 416 (``Content-Range: bytes */size``),
-    which is what registries answer and what clients resuming a download expect.
-    """
-    if header is None:
-        return None
-    unit, _, spec = header.strip().partition("=")
-    if unit.strip().lower() != "bytes":
-        return None
-    if "," in spec:
-        return None
-    first_s, dash, last_s = spec.strip().partition("-")
-    first_s, last_s = first_s.strip(), last_s.strip()
-    bad = OciError(
-        Code.RANGE_INVALID,
-        "requested range not satisfiable",
-        {"range": header[:100], "size": size},
-        headers={"Content-Range": f"bytes */{size}"},
-    )
-    first = parse_count(first_s) if first_s else None
-    last = parse_count(last_s) if last_s else None
-    if not dash or (first_s and first is None) or (last_s and last is None):
-        raise bad
-    if first is None:
-        # Suffix form "-N": the last N bytes.
-        if last is None or last == 0 or size == 0:
-            raise bad
-        return ByteRange(max(0, size - last), size - 1)
-    if last is None:
-        last = size - 1
-    if last < first or first >= size:
-        raise bad
-    return ByteRange(first, min(last, size - 1))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from proxy.core.config import Settings
 from proxy.flows.access import Access
-from proxy.flows.fills import Fill, Fills
+from proxy.flows.fills import Fill, Fills, Plan
 from proxy.flows.manifests import ManifestStore
 from proxy.store.cache import BlobCache, Budget
 from proxy.store.catalogue import Catalogue
@@ -70,9 +70,13 @@ async def running(
             fills = Fills(
                 storage,
                 cache,
-                retries=settings.blob_retries,
+                plan=Plan(
+                    retries=settings.blob_retries,
+                    connections=settings.fill_connections,
+                    threshold=settings.parallel_fill_threshold,
+                    stall=settings.blob_read_timeout,
+                ),
                 cancel_abandoned=settings.cancel_abandoned_fills,
-                stall=settings.blob_read_timeout,
                 on_commit=on_commit,
                 on_finish=on_fill_finish,
             )

@@ -57,6 +57,8 @@ log = structlog.get_logger("ocicache.manifests")
 
 # Recently served manifests kept in memory; manifests are small and read on every pull.
 BODIES_MEMORY: Final = 64 * 1024 * 1024
+# Warm tag answers kept ready to serve (their bodies are mostly those of BODIES_MEMORY too).
+HOT_MEMORY: Final = 32 * 1024 * 1024
 # Answers kept per tag: one per Accept set clients really send (a handful); a client cycling
 # through odd Accept headers only pushes out the oldest.
 ANSWERS_PER_TAG: Final = 8
@@ -117,6 +119,11 @@ class ManifestStore:
         # Recently served manifests, so that a warm tag or digest costs no thread hop and no
         # file read. The catalogue decides what is held: what it drops is dropped here too.
         self._bodies: LRUCache[str, bytes] = LRUCache(maxsize=BODIES_MEMORY, getsizeof=len)
+        # (tag, accept key) -> (catalogue version, answer's fetch time, what was served): a hit
+        # answered again while nothing in the catalogue changed costs two lookups.
+        self._hot: LRUCache[tuple[TagKey, str], tuple[int, float, Served]] = LRUCache(
+            maxsize=HOT_MEMORY, getsizeof=lambda entry: 200 + entry[2].size
+        )
         catalogue.drop_observers.append(self._forget_body)
 
     def _forget_body(self, digest: str) -> None:
@@ -224,6 +231,15 @@ class ManifestStore:
     ) -> Served:
         wanted = accepted_types(accept_headers)
         key: TagKey = (upstream.name, repository, tag)
+        hot_key = (key, accept_key(wanted))
+        hot = self._hot.get(hot_key)
+        if hot is not None and hot[0] == self.catalogue.version:
+            # The warm path: nothing changed since this very answer was served.
+            _, fetched, served = hot
+            ttl = self.settings.ttl_for(upstream.cfg, tag)
+            if ttl is None or time.time() - fetched < ttl:
+                self.catalogue.touch(str(served.digest))
+                return served
         answers = dict(self.catalogue.answers(key))
         answer = choose_answer(answers, wanted)
         known = Digest.parse(answer.digest) if answer else None
@@ -236,7 +252,9 @@ class ManifestStore:
         if answer and stored:
             ttl = self.settings.ttl_for(upstream.cfg, tag)
             if ttl is None or time.time() - answer.fetched < ttl:
-                return ours("hit")
+                served = ours("hit")
+                self._hot[hot_key] = (self.catalogue.version, answer.fetched, served)
+                return served
             if upstream.offline:
                 return ours("offline")
         if upstream.offline:

@@ -66,15 +66,9 @@ def choose_victims(
 def unused_since(
     lru: Iterable[tuple[str, float]], pinned: set[str] | frozenset[str], cutoff: float
 ) -> list[str]:
-    """Digests last used before ``cutoff`` (the LRU order is by last use: stop at the first
-    younger one), pinned ones excepted."""
-    found: list[str] = []
-    for key, last_used in lru:
-        if last_used >= cutoff:
-            break
-        if key not in pinned:
-            found.append(key)
-    return found
+    """Digests last used before ``cutoff``, pinned ones excepted. (All are looked at: the LRU
+    order follows last use only roughly, as commits finish in their own order.)"""
+    return [key for key, last_used in lru if last_used < cutoff and key not in pinned]
 
 
 class BlobCache:

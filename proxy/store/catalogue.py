@@ -99,6 +99,9 @@ class Catalogue:
         self.tags: dict[TagKey, dict[str, TagAnswer]] = {}
         self.pins: dict[str, str] = {}  # reference -> "config" | "admin"
         self._tags_of: dict[str, set[TagKey]] = {}  # manifest digest -> tags answering it
+        # Bumped whenever a tag's answers or a manifest change: what remembers an answer (the
+        # warm manifest path) checks it instead of looking everything up again.
+        self.version = 0
         self._holders: LRUCache[tuple[str, str, str], bool] = LRUCache(maxsize=HOLDERS_MEMORY)
         self._dirty: set[str] = set()
         self._flusher: asyncio.Task[None] | None = None
@@ -206,6 +209,7 @@ class Catalogue:
             return None
         self.total -= entry.size
         self._dirty.discard(digest)
+        self.version += 1
         self.manifests.pop(digest, None)
         for key in self._tags_of.pop(digest, set()):
             answers = self.tags.get(key, {})
@@ -237,6 +241,7 @@ class Catalogue:
     def index_manifest(self, digest: str, info: ManifestInfo) -> None:
         self._index(digest, info.size, MANIFEST)
         self.manifests[digest] = info
+        self.version += 1
 
     def forget_manifest_rows(self, digest: str) -> None:
         """Undo :meth:`persist_manifest` when the file could not be written."""
@@ -263,6 +268,7 @@ class Catalogue:
             if holders is not None:
                 holders.discard(key)
         self.tags[key] = dict(answers)
+        self.version += 1
         for answer in answers.values():
             self._tags_of.setdefault(answer.digest, set()).add(key)
         rows = [(*key, accept, a.digest, a.media_type, a.fetched) for accept, a in answers.items()]
@@ -272,6 +278,7 @@ class Catalogue:
             log.warning("catalogue_tag_not_stored", upstream=key[0], repository=key[1], error=str(exc))
 
     def drop_tag(self, key: TagKey) -> None:
+        self.version += 1
         for answer in self.tags.pop(key, {}).values():
             holders = self._tags_of.get(answer.digest)
             if holders is not None:

@@ -313,10 +313,16 @@ class UpstreamClient:
         finally:
             resp.release()
 
-    async def open_blob(self, repository: str, digest: Digest, offset: int = 0) -> BlobStream:
-        """Start a blob download at ``offset``. The stream must be closed by the caller."""
+    async def open_blob(
+        self, repository: str, digest: Digest, offset: int = 0, end: int | None = None
+    ) -> BlobStream:
+        """Start a blob download of bytes [``offset``, ``end``) (to the blob's end if ``end`` is
+        None). The stream must be closed by the caller. An upstream may ignore the range and
+        answer from 0 (``stream.start``), or to its end (``stream.end``)."""
         headers = {"Accept-Encoding": "identity"}
-        if offset:
+        if end is not None:
+            headers["Range"] = f"bytes={offset}-{end - 1}"
+        elif offset:
             headers["Range"] = f"bytes={offset}-"
         await self.blob_slots.acquire()
         try:
@@ -329,13 +335,13 @@ class UpstreamClient:
                 blob=True,
             )
             if resp.status == 200:
-                start = 0
-            elif resp.status == 206 and offset:
-                ranged = _content_range_start(resp.headers.get("Content-Range", ""))
-                if ranged is None or ranged > offset:
+                start, stop = 0, None
+            elif resp.status == 206 and "Range" in headers:
+                span = _content_range(resp.headers.get("Content-Range", ""))
+                if span is None or span[0] > offset:
                     resp.release()
                     raise OciError(Code.UPSTREAM_ERROR, "bad Content-Range", {"upstream": self.name})
-                start = ranged
+                start, stop = span
             else:
                 err = status_error(self.name, resp, Code.BLOB_UNKNOWN)
                 resp.release()
@@ -343,7 +349,11 @@ class UpstreamClient:
         except BaseException:
             self.blob_slots.release()
             raise
-        return BlobStream(self.name, resp, start, _total_size(resp, start), self.blob_slots)
+        total = _total_size(resp, start)
+        stream_end = stop if stop is not None else (total if total is not None else -1)
+        return BlobStream(
+            self.name, resp, start, total, self.blob_slots, end=stream_end, ranged=stop is not None
+        )
 
     async def blob_exists(self, repository: str, digest: Digest) -> bool:
         return await self._exists(f"/v2/{repository}/blobs/{digest}", repository, {})
@@ -422,13 +432,17 @@ def _is_tags_list(body: bytes) -> bool:
     return isinstance(doc, dict) and (doc.get("tags") is None or isinstance(doc["tags"], list))
 
 
-def _content_range_start(value: str) -> int | None:
-    # "bytes 100-199/200"
-    unit, _, rest = value.partition(" ")
-    first, dash, _ = rest.partition("-")
+def _content_range(value: str) -> tuple[int, int] | None:
+    """[first, last + 1) of ``bytes first-last/total``."""
+    unit, _, rest = value.strip().partition(" ")
+    span, _, _ = rest.partition("/")
+    first, dash, last = span.partition("-")
     if unit != "bytes" or not dash:
         return None
-    return parse_count(first)
+    a, b = parse_count(first), parse_count(last)
+    if a is None or b is None or b < a:
+        return None
+    return a, b + 1
 
 
 def _total_size(resp: aiohttp.ClientResponse, start: int) -> int | None:
@@ -442,13 +456,23 @@ class BlobStream:
     """An open upstream blob body from byte ``start``; ``total`` is the whole blob's size."""
 
     def __init__(
-        self, upstream: str, resp: aiohttp.ClientResponse, start: int, total: int | None, slots: Slots
+        self,
+        upstream: str,
+        resp: aiohttp.ClientResponse,
+        start: int,
+        total: int | None,
+        slots: Slots,
+        *,
+        end: int = -1,
+        ranged: bool = False,
     ) -> None:
         self._upstream = upstream
         self._resp = resp
         self._slots: Slots | None = slots
         self.start = start
         self.total = total
+        self.end = end  # where this answer's bytes stop (exclusive); -1 if upstream did not say
+        self.ranged = ranged  # upstream honoured a Range (206)
 
     async def chunks(self, max_batch: int) -> AsyncIterator[bytes]:
         """Yield the body in pieces of at most about ``max_batch``, joining what is already

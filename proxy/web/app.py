@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from cachetools import LRUCache
 
 from proxy.airgap.pinfetch import fetch_missing_pins
 from proxy.core.config import Settings
@@ -127,6 +128,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=middlewares, client_max_size=64 * 1024)
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = Metrics()
+    app[keys.RESOLVED] = LRUCache(maxsize=8192)
     app.cleanup_ctx.append(_resources)
     app.cleanup_ctx.append(_pins)
     if settings.auth.enabled:

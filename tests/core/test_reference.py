@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from proxy.core.errors import Code, OciError
-from proxy.core.reference import ByteRange, Digest, Kind, parse_path, parse_range, validate_name
+from proxy.core.ranges import ByteRange, parse_range
+from proxy.core.reference import Digest, Kind, parse_path, validate_name
 
 HEX = "a" * 64
 

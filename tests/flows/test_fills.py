@@ -183,10 +183,12 @@ async def test_upstream_reset_midway_is_resumed_with_range(
     url = blob_url(proxy, digest)
     bodies = await asyncio.gather(*(fetch(session, url) for _ in range(3)))
     assert all(body == data for body in bodies)
-    assert fake.count(origin="registry", method="GET", path_contains="/blobs/") == 2
-    assert fake.count(origin="registry", method="GET", path_contains="/blobs/", with_range=True) == 1
-    ranged = next(s for s in fake.seen if "range" in s.headers)
-    start = int(ranged.headers["range"].removeprefix("bytes=").rstrip("-"))
+    gets = [s for s in fake.seen if s.method == "GET" and "/blobs/" in s.path]
+    assert len(gets) == 2
+    # The first asks from 0 (for the first part of a blob that might be large); the resume
+    # asks for the rest, from where the reset left it.
+    assert gets[0].headers["range"].startswith("bytes=0-")
+    start = int(gets[1].headers["range"].removeprefix("bytes=").partition("-")[0])
     assert 0 < start <= 3 * MiB
     assert digest in (await proxy.cached())
 

@@ -133,6 +133,10 @@ class FakeUpstream:
         self.observers: list[Callable[[Seen], None]] = []
         self.faults: dict[str, BlobFaults] = {}
         self.rate_limit_next = 0
+        # Answer every blob request with the whole blob, as some registries and CDNs do.
+        self.ignore_ranges = False
+        # Body bytes sent per digest (blob, manifest or tags key): what upstream paid.
+        self.sent_bytes: dict[str, int] = {}
         self.retry_after = 7
         self.ratelimit_remaining: int | None = None
         self.private_repos: set[str] = set()
@@ -404,7 +408,7 @@ class FakeUpstream:
         if digest.startswith("sha256:"):
             headers |= {"Docker-Content-Digest": digest, "ETag": f'"{digest}"'}
         start, stop, status = 0, len(data), 200
-        if ranged:
+        if ranged and not self.ignore_ranges:
             headers["Accept-Ranges"] = "bytes"
             span = _byte_range(request.headers.get("Range"), len(data))
             if span is not None and span[0] >= span[1]:
@@ -423,7 +427,9 @@ class FakeUpstream:
             return resp
         self._streaming.add(transport)
         try:
-            await self._stream(request, resp, data, start, stop, self.faults.get(digest) or BlobFaults())
+            await self._stream(
+                request, resp, data, start, stop, self.faults.get(digest) or BlobFaults(), digest
+            )
         except ConnectionError:
             pass  # the client hung up mid-body (or close() cut it); not a failure of the fake
         finally:
@@ -438,6 +444,7 @@ class FakeUpstream:
         start: int,
         stop: int,
         f: BlobFaults,
+        digest_key: str,
     ) -> None:
         body = data[start:stop]
         if f.corrupt_at is not None and start <= f.corrupt_at < stop:
@@ -469,6 +476,7 @@ class FakeUpstream:
             marks = [m for m in (reset_at, stall_at) if m is not None and m > sent]
             end = min(len(body), sent + step, *marks)
             await resp.write(body[sent:end])
+            self.sent_bytes[digest_key] = self.sent_bytes.get(digest_key, 0) + (end - sent)
             if f.throttle_bps is not None:
                 await asyncio.sleep((end - sent) / f.throttle_bps)  # fake throttle
             sent = end

@@ -1,0 +1,99 @@
+"""Pure: which bytes of a blob a download has, when several parts of it arrive at once.
+
+A cold blob above a threshold is fetched as several ranged GETs at once, each writing its part
+of the one temp file at its offset (CDNs and long links cap each TCP stream; several streams
+multiply what one link carries). The first request asks for the first part only; its answer
+names the blob's size, and the rest is split among the other connections
+(:func:`plan_parts`). A registry that ignores ``Range`` answers the whole blob to that first
+request, and the download is one stream, as before.
+
+:class:`Coverage` tracks the parts: the contiguous prefix (what the hash has to follow in
+order, and what a whole-body reader may tail) and, for a range reader, how far the bytes from
+its offset are already there (a part further on may have them long before the prefix does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+# No part smaller than this: a request costs a round trip (and maybe a token and a redirect).
+MIN_PART: Final = 1024 * 1024
+
+
+@dataclass(slots=True)
+class Part:
+    start: int
+    end: int  # exclusive
+    done: int = 0  # bytes written from start
+
+    @property
+    def reached(self) -> int:
+        return self.start + self.done
+
+    @property
+    def complete(self) -> bool:
+        return self.reached >= self.end
+
+
+def plan_parts(size: int, first_end: int, connections: int, min_part: int = MIN_PART) -> list[Part]:
+    """Parts for a blob of ``size`` whose first ``first_end`` bytes are already asked for:
+    that part, then the rest split evenly over the other connections (none below
+    ``min_part``)."""
+    first = Part(0, min(first_end, size))
+    rest = size - first.end
+    if rest <= 0 or connections <= 1:
+        return [Part(0, size)] if rest > 0 else [first]
+    count = max(1, min(connections - 1, rest // max(1, min_part)))
+    step, extra = divmod(rest, count)
+    parts = [first]
+    start = first.end
+    for i in range(count):
+        end = start + step + (1 if i < extra else 0)
+        parts.append(Part(start, end))
+        start = end
+    return parts
+
+
+@dataclass
+class Coverage:
+    size: int
+    parts: list[Part] = field(default_factory=list)
+
+    @classmethod
+    def single(cls, size: int) -> Coverage:
+        return cls(size, [Part(0, size)])
+
+    def prefix(self) -> int:
+        """Bytes from 0 that are all there."""
+        for part in self.parts:
+            if not part.complete:
+                return part.reached
+        return self.size
+
+    def part_at(self, pos: int) -> Part | None:
+        for part in self.parts:
+            if part.start <= pos < part.end:
+                return part
+        return None
+
+    def filled_until(self, pos: int) -> int:
+        """The end of the run of bytes present from ``pos`` (``pos`` itself if none)."""
+        end = pos
+        for part in self.parts:
+            if part.end <= end:
+                continue
+            if part.start > end or part.reached <= end:
+                break
+            end = part.reached
+        return end
+
+    def far_from(self, pos: int, gap: int) -> bool:
+        """Will the bytes at ``pos`` take long to come? Yes if the part that will bring them is
+        more than ``gap`` bytes short of ``pos``."""
+        part = self.part_at(pos)
+        return part is not None and pos - part.reached > gap
+
+    @property
+    def complete(self) -> bool:
+        return all(p.complete for p in self.parts)

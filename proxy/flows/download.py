@@ -1,0 +1,298 @@
+"""Getting one fill's bytes from upstream into its temp file.
+
+The first GET asks for the first ``threshold`` bytes (``Range: bytes=0-...``). Its answer tells
+the blob's size; a larger blob is then fetched as several ranged GETs at once, one per part
+(:func:`proxy.flows.coverage.plan_parts`), each written at its offset, and hashed in order as
+the contiguous prefix grows, reading back what the parts wrote. A registry that ignores
+``Range`` answers the whole blob to that first GET: one stream, hashed as it arrives. Either
+way upstream sends each byte once (1.00x the blob), unless a broken connection makes a part
+resume, which re-asks only for what that part still lacks.
+
+A full disk (ENOSPC, EDQUOT) first makes room by evicting least recently used files, once per
+fill. Then a single stream goes on without caching, its readers served from the fill's memory
+window (:mod:`proxy.flows.window`); parallel parts are never started without room for the
+whole blob, and one that hits a full disk anyway fails the fill (the next request starts a
+fresh one, as a single stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Final
+
+import structlog
+
+from proxy.core.errors import Code, OciError
+from proxy.flows.coverage import MIN_PART, Coverage, Part, plan_parts
+from proxy.flows.fill import Fill, State
+from proxy.flows.window import Window
+from proxy.store.cache import BlobCache
+from proxy.upstream.client import BlobStream, retryable
+
+log = structlog.get_logger("ocicache.fills")
+
+# Largest piece written (and hashed) per worker-thread hop.
+WRITE_BATCH: Final = 4 * 1024 * 1024
+# Room freed beyond the rest of a blob when the disk is full, for the catalogue and neighbours.
+EVICT_MARGIN: Final = 256 * 1024
+DISK_FULL: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    retries: int
+    connections: int = 4  # parallel ranged GETs for a large blob; 1 turns them off
+    threshold: int = 32 * 1024 * 1024  # blobs larger than this are fetched in parts
+    stall: float = 60.0  # how long a full memory window waits for its slowest reader
+
+
+class DiskFull(Exception):
+    """The file system took only ``done`` bytes of a write (ENOSPC, EDQUOT)."""
+
+    def __init__(self, done: int) -> None:
+        super().__init__(f"disk full after {done} bytes")
+        self.done = done
+
+
+class Download:
+    def __init__(self, fill: Fill, write_fd: int, cache: BlobCache, plan: Plan) -> None:
+        self.fill = fill
+        self.write_fd = write_fd
+        self.cache = cache
+        self.plan = plan
+        self.hasher = hashlib.new(fill.digest.algorithm)
+
+    async def run(self) -> str:
+        """Fetch every byte; returns the hex digest of what arrived (the caller compares)."""
+        fill = self.fill
+        ranged_end = self.plan.threshold if self.plan.connections > 1 else None
+        first = await self._open(0, ranged_end, failures=[0])
+        total = first.total
+        parallel = False
+        if total is not None:
+            fill.size = total
+            if first.ranged and total > first.end and await self._room_for(total):
+                min_part = max(MIN_PART, self.plan.threshold // self.plan.connections)
+                parts = plan_parts(total, first.end, self.plan.connections, min_part)
+                fill.coverage = Coverage(total, parts)
+                parallel = len(fill.coverage.parts) > 1
+            else:
+                fill.coverage = Coverage.single(total)
+        fill.state = State.RUNNING
+        fill.announce()
+        if fill.coverage is None:
+            await self._stream_unsized(first)
+        elif not parallel:
+            await self._part(fill.coverage.parts[0], first, inline_hash=True)
+        else:
+            await self._parallel(fill.coverage, first)
+        return self.hasher.hexdigest()
+
+    # --- requests ----------------------------------------------------------------------------
+
+    async def _open(self, start: int, end: int | None, failures: list[int]) -> BlobStream:
+        """A stream from ``start`` (to ``end``), retrying what may be retried."""
+        fill = self.fill
+        while True:
+            try:
+                stream = await fill.upstream.open_blob(fill.repository, fill.digest, start, end)
+            except OciError as err:
+                if not retryable(err) or failures[0] >= self.plan.retries:
+                    raise
+                failures[0] += 1
+                await _backoff(failures[0])
+                continue
+            fill.upstream_gets += 1
+            if fill.size is not None and stream.total is not None and stream.total != fill.size:
+                stream.close()
+                raise OciError(Code.UPSTREAM_ERROR, "upstream changed the blob's size")
+            return stream
+
+    async def _room_for(self, size: int) -> bool:
+        try:
+            free = await asyncio.to_thread(lambda: shutil.disk_usage(self.fill.temp.parent).free)
+        except OSError:
+            return False
+        return free > size + EVICT_MARGIN
+
+    # --- one part ----------------------------------------------------------------------------
+
+    async def _part(self, part: Part, stream: BlobStream | None, *, inline_hash: bool) -> None:
+        """Fill ``part``, resuming a broken connection from where the part stands."""
+        fill = self.fill
+        failures = [0]
+        while not part.complete:
+            if stream is None:
+                stream = await self._open(part.reached, part.end, failures)
+            try:
+                # An upstream that ignored our Range starts earlier: drop what we have.
+                skip = part.reached - stream.start
+                if skip < 0:
+                    raise OciError(Code.UPSTREAM_ERROR, "upstream answered the wrong range")
+                async for chunk in stream.chunks(WRITE_BATCH):
+                    fill.received += len(chunk)
+                    if skip:
+                        cut = min(skip, len(chunk))
+                        chunk, skip = chunk[cut:], skip - cut
+                        if not chunk:
+                            continue
+                    chunk = chunk[: part.end - part.reached]  # never into the next part
+                    if inline_hash:
+                        await self._store(part, chunk)
+                    else:
+                        await self._write(part.reached, chunk)
+                    part.done += len(chunk)
+                    fill.announce()
+                    if part.complete:
+                        break
+                if not part.complete and stream.end < part.end and part.reached >= stream.end:
+                    stream.close()
+                    stream = None  # it ended where it said it would: ask for the rest
+                    continue
+                if not part.complete:
+                    raise OciError(Code.UNAVAILABLE, "upstream body ended early")
+            except OciError as err:
+                if not retryable(err) or failures[0] >= self.plan.retries:
+                    raise
+                failures[0] += 1
+                log.info(
+                    "fill_resume",
+                    digest=str(fill.digest),
+                    at=part.reached,
+                    part=part.start,
+                    attempt=failures[0],
+                    reason=err.message,
+                )
+                await _backoff(failures[0])
+            finally:
+                if stream is not None:
+                    stream.close()
+                    stream = None
+
+    async def _stream_unsized(self, stream: BlobStream) -> None:
+        """Upstream named no size: one stream to its end (no resume: we cannot know the end)."""
+        fill = self.fill
+        try:
+            async for chunk in stream.chunks(WRITE_BATCH):
+                fill.received += len(chunk)
+                await self._store_unsized(chunk)
+                fill.streamed += len(chunk)
+                fill.announce()
+        finally:
+            stream.close()
+
+    # --- parallel parts ----------------------------------------------------------------------
+
+    async def _parallel(self, coverage: Coverage, first: BlobStream) -> None:
+        log.info("fill_parallel", digest=str(self.fill.digest), parts=len(coverage.parts), size=coverage.size)
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._part(coverage.parts[0], first, inline_hash=False))
+                for part in coverage.parts[1:]:
+                    group.create_task(self._part(part, None, inline_hash=False))
+                group.create_task(self._hash_in_order(coverage))
+        except* OciError as failed:
+            raise failed.exceptions[0] from None
+        except* DiskFull:
+            raise OciError(Code.UNAVAILABLE, "the cache's disk is full") from None
+
+    async def _hash_in_order(self, coverage: Coverage) -> None:
+        """Follow the contiguous prefix, hashing what the parts wrote (from the page cache)."""
+        hashed = 0
+        fill = self.fill
+        while hashed < coverage.size:
+            prefix = coverage.prefix()
+            if prefix <= hashed:
+                await fill.wait_beyond_prefix(hashed)
+                continue
+            upto = min(prefix, hashed + WRITE_BATCH)
+            await asyncio.to_thread(_hash_back, fill.read_fd, self.hasher, hashed, upto - hashed)
+            hashed = upto
+
+    # --- writing -----------------------------------------------------------------------------
+
+    async def _write(self, offset: int, chunk: bytes) -> None:
+        try:
+            await asyncio.to_thread(write_at, self.write_fd, chunk, offset)
+        except DiskFull as full:
+            if self.fill.evicted_for_space:
+                raise
+            self.fill.evicted_for_space = True
+            await self.cache.evict_for(len(chunk) - full.done + EVICT_MARGIN)
+            await asyncio.to_thread(write_at, self.write_fd, chunk[full.done :], offset + full.done)
+
+    async def _store(self, part: Part, chunk: bytes) -> None:
+        """The single stream: hash ``chunk`` and put it where readers find it (the temp file, or
+        once the disk is full, the fill's window)."""
+        await self._store_at(part.reached, chunk, rest=part.end - part.reached)
+
+    async def _store_unsized(self, chunk: bytes) -> None:
+        await self._store_at(self.fill.streamed, chunk, rest=len(chunk))
+
+    async def _store_at(self, offset: int, chunk: bytes, rest: int) -> None:
+        fill = self.fill
+        if fill.window is not None:
+            await asyncio.to_thread(self.hasher.update, chunk)
+            await fill.window.append(chunk)
+            return
+        try:
+            await asyncio.to_thread(_hash_and_write, self.write_fd, self.hasher, chunk, offset)
+            return
+        except DiskFull as full:
+            done = full.done
+        if not fill.evicted_for_space:
+            fill.evicted_for_space = True
+            await self.cache.evict_for(rest + EVICT_MARGIN)
+            try:
+                await asyncio.to_thread(write_at, self.write_fd, chunk[done:], offset + done)
+                return
+            except DiskFull as again:
+                done += again.done
+        self.go_uncached(offset + done)
+        assert fill.window is not None
+        await fill.window.append(chunk[done:])
+
+    def go_uncached(self, origin: int) -> None:
+        fill = self.fill
+        log.warning("fill_disk_full", digest=str(fill.digest), at=origin, readers=len(fill.readers))
+        fill.window = Window(origin, stall=self.plan.stall)
+        for reader, at in fill.readers.items():
+            fill.window.join(reader, at)
+
+
+async def _backoff(failures: int) -> None:
+    await asyncio.sleep(min(0.1 * 2**failures, 5.0))
+
+
+def _hash_and_write(fd: int, hasher: hashlib._Hash, data: bytes, offset: int) -> None:
+    # hashlib releases the GIL for large buffers, so hashing here runs beside the loop. The
+    # hash takes every byte received, whether or not the disk takes it.
+    hasher.update(data)
+    write_at(fd, data, offset)
+
+
+def write_at(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    done = 0
+    while done < len(data):
+        try:
+            done += os.pwrite(fd, view[done:], offset + done)
+        except OSError as exc:
+            if exc.errno in DISK_FULL:
+                raise DiskFull(done) from exc
+            raise
+
+
+def _hash_back(fd: int, hasher: hashlib._Hash, offset: int, count: int) -> None:
+    while count > 0:
+        data = os.pread(fd, min(count, 1024 * 1024), offset)
+        if not data:
+            raise OSError(errno.EIO, "temp file shorter than what was written")
+        hasher.update(data)
+        offset += len(data)
+        count -= len(data)
