@@ -117,6 +117,8 @@ async def _visit(
         return
     body, _ = loaded
     planned.digests[d.digest] = len(body)
+    # Hook for referrers (issue 15): ``--with-referrers`` adds the referrers of every manifest
+    # visited here (and their blobs) to ``planned.digests``, and to index.json as entries.
     try:
         kids = children(body)
     except NotAManifest as exc:

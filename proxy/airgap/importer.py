@@ -446,6 +446,9 @@ async def _commit(engine: Engine, source: Path, staging: Staging, read: _Read) -
         catalogue.index_manifest(text, info)
         cache.note_added()
     now = time.time()
+    # Hook for referrers (issue 15): every manifest index.json reaches is imported with its
+    # subject (ManifestInfo); unnamed entries whose subject a named one holds are to be
+    # confirmed for that reference's repository here, so that they are served with it.
     for imported in references:
         ref = imported.reference
         if ref is None:

@@ -237,6 +237,8 @@ class _Run:
         many times, nested: each is walked once)."""
         outcome.manifests += 1
         self.report.manifests += 1
+        # Hook for referrers (issue 15): ``--with-referrers`` follows the referrers of every
+        # manifest walked here (a keyword argument of prefetch(), off by default).
         kids = children(body)
         if not kids.is_index:
             outcome.blobs += len(kids.blobs)
