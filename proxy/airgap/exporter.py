@@ -25,7 +25,7 @@ import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Any, Final
 
 import structlog
 import zstandard
@@ -43,7 +43,7 @@ from proxy.store.storage import Storage
 
 log = structlog.get_logger("ocicache.export")
 
-# The tar stream's buffer; tarfile copies each blob in 16 KiB pieces through it.
+# The tar stream's buffer, and the pieces each blob is copied (and hashed) in.
 CHUNK: Final = 1024 * 1024
 ZSTD_LEVEL: Final = 3
 
@@ -229,7 +229,10 @@ def write_archive(
 def _write_tar(
     out: IO[bytes], storage: Storage, entries: list[tuple[Descriptor, str]], blobs: dict[str, int]
 ) -> None:
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK) as tar:
+    # copybufsize: blobs copied in pieces of CHUNK (tarfile's default is 16 KiB); a TarFile
+    # argument that open() passes on, missing from its type stubs.
+    extra: dict[str, Any] = {"copybufsize": CHUNK}
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK, **extra) as tar:
         for name in ("blobs", *sorted({f"blobs/{d.partition(':')[0]}" for d in blobs})):
             info = tarfile.TarInfo(name)
             info.type, info.mode = tarfile.DIRTYPE, 0o755
