@@ -64,6 +64,8 @@ log = structlog.get_logger("ocicache.import")
 
 ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
 GZIP_MAGIC: Final = b"\x1f\x8b"
+# Members an archive may have: a layout holds one file per blob, and images a few hundred.
+MEMBERS_MAX: Final = 1_000_000
 # The tar stream's read buffer.
 TAR_BUFFER: Final = 256 * 1024
 # tarfile raises this (not in its __all__, stable since 3.2) for the all-zero block that ends
@@ -245,7 +247,14 @@ def _read_archive(path: Path, staging: Staging) -> list[Entry]:
                 tarinfo=_marked_tarinfo(ended),
                 bufsize=TAR_BUFFER,  # type: ignore[call-overload]
             ) as tar:
-                for m in tar:
+                count = 0
+                while (m := tar.next()) is not None:
+                    # A stream is read once: tarfile's list of members read so far would only
+                    # grow with a hostile archive's millions of empty ones.
+                    tar.members.clear()
+                    count += 1
+                    if count > MEMBERS_MAX:
+                        raise LayoutError(f"more than {MEMBERS_MAX} members: not an image layout")
                     kind, digest = member(m.name)
                     if kind == "other" or (kind == "dir" and m.isdir()):
                         continue  # not part of the layout (docker save's manifest.json, ...)

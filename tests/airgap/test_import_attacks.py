@@ -305,3 +305,16 @@ async def test_an_archive_cut_between_members_is_refused_not_taken_for_a_partial
     path.write_bytes(plain[:cut])  # right after the last amd64 member
     async with open_engine(UPSTREAMS) as engine:
         await refused(engine, path, "end-of-archive marker")
+
+
+async def test_an_archive_of_too_many_members_is_refused(
+    open_engine: OpenEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.airgap import importer
+
+    monkeypatch.setattr(importer, "MEMBERS_MAX", 100)
+    _, members = whole()
+    path = tmp_path / "many.tar"
+    path.write_bytes(tar_bytes([*((f"junk/{i}", b"") for i in range(101)), *members]))
+    async with open_engine(UPSTREAMS) as engine:
+        await refused(engine, path, "more than 100 members")

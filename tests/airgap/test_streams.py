@@ -133,3 +133,24 @@ def test_a_layout_directory_is_read_with_bounded_memory(tmp_path: Path) -> None:
         tracemalloc.stop()
         staging.discard()
     assert peak < 8 * MiB, peak
+
+
+def test_an_archive_of_many_members_is_read_in_bounded_memory(tmp_path: Path) -> None:
+    layout = Layout()
+    layout.add_image(make_image(seed=84), "docker.io/library/app:v1")
+    junk = [(f"junk/{i}", b"") for i in range(20_000)]
+    path = tmp_path / "many.tar"
+    path.write_bytes(tar_bytes([*junk, *layout.members()]))
+    target = Storage(tmp_path / "target")
+    target.prepare()
+    staging = Staging(target, {})
+    from proxy.airgap.importer import _read_archive
+
+    tracemalloc.start()
+    try:
+        assert len(_read_archive(path, staging)) == 1
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        staging.discard()
+    assert peak < 4 * MiB, peak
