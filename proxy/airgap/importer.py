@@ -124,7 +124,7 @@ async def import_layout(engine: Engine, source: Path) -> ImportReport:
     await engine.cache.checked()  # what the cache holds, as the start-up size check left it
     held = {d: e.size for d, e in engine.catalogue.blobs.items()}
     stop = threading.Event()
-    staging = Staging(engine.storage, held, stop)
+    staging = Staging(engine.storage, held, stop, limit=engine.cache.max_bytes)
     try:
         reading = asyncio.ensure_future(asyncio.to_thread(_read, source, staging))
         try:

@@ -26,8 +26,18 @@ CHUNK: Final = 1024 * 1024
 
 
 class Staging:
-    def __init__(self, storage: Storage, held: dict[str, int], stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        held: dict[str, int],
+        stop: threading.Event | None = None,
+        limit: int | None = None,
+    ) -> None:
         self.storage = storage
+        # Bytes it may keep (the cache's budget): an archive that claims more, a zstd bomb
+        # among them, is refused before it fills the disk.
+        self.limit = limit
+        self.kept = 0
         self.held = held  # digest -> size, of what the cache holds (a snapshot)
         self.stop = stop or threading.Event()
         self._staged: dict[str, tuple[Path, int]] = {}
@@ -51,6 +61,10 @@ class Staging:
         key = str(digest)
         hasher = hashlib.new(digest.algorithm)
         keep = key not in self._staged and key not in self.held
+        if keep and self.limit is not None and self.kept + size > self.limit:
+            raise LayoutError(
+                f"it holds more than the cache's budget of {self.limit} bytes (see --max-cache-size)"
+            )
         temp = self.storage.new_temp() if keep else None
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644) if temp is not None else -1
         try:
@@ -82,6 +96,7 @@ class Staging:
                 os.close(fd)
         if temp is not None:
             self._staged[key] = (temp, size)
+            self.kept += size
 
     def read(self, digest: str, limit: int) -> bytes:
         """A small staged or held file (a manifest), at most ``limit`` bytes."""

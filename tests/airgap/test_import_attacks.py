@@ -318,3 +318,22 @@ async def test_an_archive_of_too_many_members_is_refused(
     path.write_bytes(tar_bytes([*((f"junk/{i}", b"") for i in range(101)), *members]))
     async with open_engine(UPSTREAMS) as engine:
         await refused(engine, path, "more than 100 members")
+
+
+async def test_an_archive_larger_than_the_budget_is_refused_before_it_fills_the_disk(
+    open_engine: OpenEngine, tmp_path: Path
+) -> None:
+    # A blob that claims a terabyte, of zeros: a few KiB of zstd, unbounded once unpacked.
+    import zstandard
+
+    header = tarfile.TarInfo("blobs/sha256/" + "0" * 64)
+    header.size = 1 << 40
+    head = header.tobuf(tarfile.PAX_FORMAT)
+    stream = zstandard.ZstdCompressor().compressobj()
+    data = (
+        stream.compress(head) + b"".join(stream.compress(bytes(1 << 20)) for _ in range(64)) + stream.flush()
+    )
+    path = tmp_path / "bomb.tar.zst"
+    path.write_bytes(data)
+    async with open_engine(UPSTREAMS, max_cache_bytes=8 * 1024 * 1024) as engine:
+        await refused(engine, path, "more than the cache's budget")
