@@ -1,7 +1,7 @@
 """Import: an OCI image layout (a ``.tar``, ``.tar.zst`` or ``.tar.gz`` archive, or a directory)
 into the cache, served afterwards as if it had been pulled.
 
-Reading, in a worker thread: every blob is hashed as it is read and kept in the staging area
+Reading, in a worker thread (:mod:`.sources`): every blob is hashed as it is read and kept in the staging area
 (:mod:`.staging`) only if its bytes match its name; an archive must end with its end-of-archive
 marker (anything cut short is refused, whatever the cut hit); names are checked before use
 (:func:`proxy.airgap.layout.member`), links and devices refused, ``index.json`` bounded. A
@@ -26,51 +26,29 @@ served once the registry is configured.
 from __future__ import annotations
 
 import asyncio
-import io
-import os
-import stat
-import tarfile
 import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Final
 
 import structlog
-import zstandard
 
 from proxy.airgap.graph import Descriptor, children
 from proxy.airgap.layout import (
-    INDEX_JSON,
-    INDEX_JSON_MAX,
-    OCI_LAYOUT,
-    OCI_LAYOUT_MAX,
     Entry,
     LayoutError,
-    check_layout_file,
-    member,
-    parse_index_json,
 )
 from proxy.airgap.prefetch import NESTING_MAX, human_bytes
+from proxy.airgap.sources import read_archive, read_directory
 from proxy.airgap.staging import Staging
 from proxy.core.imageref import BadReference, ImageRef, parse_image_reference
 from proxy.core.mediatypes import MANIFEST_MAX, NotAManifest, accept_key, describe
-from proxy.core.reference import DIGEST_HEX, Digest
+from proxy.core.reference import Digest
 from proxy.flows.engine import Engine
 from proxy.store.catalogue import BLOB, ManifestInfo, TagAnswer
 
 log = structlog.get_logger("ocicache.import")
-
-ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
-GZIP_MAGIC: Final = b"\x1f\x8b"
-# Members an archive may have: a layout holds one file per blob, and images a few hundred.
-MEMBERS_MAX: Final = 1_000_000
-# The tar stream's read buffer.
-TAR_BUFFER: Final = 256 * 1024
-# tarfile raises this (not in its __all__, stable since 3.2) for the all-zero block that ends
-# an archive; any other way for the members to stop means the archive was cut or is corrupt.
-_END_OF_ARCHIVE: Final[type[Exception]] = vars(tarfile)["EOFHeaderError"]
 
 
 class ArchiveRefused(Exception):
@@ -147,9 +125,9 @@ async def import_layout(engine: Engine, source: Path) -> ImportReport:
 
 def _read(source: Path, staging: Staging) -> _Read:
     if source.is_dir():
-        entries, fetch = _read_directory(source, staging)
+        entries, fetch = read_directory(source, staging)
     else:
-        entries = _read_archive(source, staging)
+        entries = read_archive(source, staging)
         fetch = staging.has
     read = _Read(entries)
     for i, entry in enumerate(entries):
@@ -211,169 +189,6 @@ def _visit(
     read.manifests[d.digest] = ManifestInfo.of(kids.media_type, len(body), describe(body))
     read.walked[d.digest] = needs
     return needs
-
-
-def _marked_tarinfo(ended: list[bool]) -> type[tarfile.TarInfo]:
-    class Marked(tarfile.TarInfo):
-        @classmethod
-        def fromtarfile(cls, tf: tarfile.TarFile) -> Any:
-            try:
-                return super().fromtarfile(tf)
-            except _END_OF_ARCHIVE:
-                ended.append(True)
-                raise
-
-    return Marked
-
-
-def _read_archive(path: Path, staging: Staging) -> list[Entry]:
-    with open(path, "rb") as f:
-        magic = f.read(4)
-        # The input may be a pipe: what was read to tell its kind is given back.
-        raw = io.BufferedReader(_Prefixed(magic, f), buffer_size=TAR_BUFFER)
-        stream: IO[bytes] = raw
-        mode = "r|"
-        if magic == ZSTD_MAGIC:
-            stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
-        elif magic[:2] == GZIP_MAGIC:
-            mode = "r|gz"
-        ended: list[bool] = []
-        index: bytes | None = None
-        layout = False
-        try:
-            with tarfile.open(
-                fileobj=stream,
-                mode=mode,
-                tarinfo=_marked_tarinfo(ended),
-                bufsize=TAR_BUFFER,  # type: ignore[call-overload]
-            ) as tar:
-                count = 0
-                while (m := tar.next()) is not None:
-                    # A stream is read once: tarfile's list of members read so far would only
-                    # grow with a hostile archive's millions of empty ones.
-                    tar.members.clear()
-                    count += 1
-                    if count > MEMBERS_MAX:
-                        raise LayoutError(f"more than {MEMBERS_MAX} members: not an image layout")
-                    kind, digest = member(m.name)
-                    if kind == "other" or (kind == "dir" and m.isdir()):
-                        continue  # not part of the layout (docker save's manifest.json, ...)
-                    if not m.isreg():
-                        raise LayoutError(f"{m.name} is not a regular file (links are not followed)")
-                    f = tar.extractfile(m)
-                    assert f is not None
-                    if kind == "layout":
-                        check_layout_file(f.read(min(m.size, OCI_LAYOUT_MAX + 1)))
-                        layout = True
-                    elif kind == "index":
-                        if index is not None:
-                            raise LayoutError("two index.json files")
-                        if m.size > INDEX_JSON_MAX:
-                            raise LayoutError(f"index.json is {m.size} bytes, more than {INDEX_JSON_MAX}")
-                        index = f.read(m.size)  # no more: a read of the limit would allocate it
-                    else:
-                        assert digest is not None
-                        staging.take(digest, f, m.size, m.name)
-        except tarfile.TarError as exc:
-            raise LayoutError(f"not a whole tar archive ({exc}): truncated or corrupt") from None
-        except zstandard.ZstdError as exc:
-            raise LayoutError(f"corrupt zstd stream ({exc})") from None
-        except (EOFError, OSError) as exc:
-            if isinstance(exc, OSError) and exc.errno is not None:
-                raise  # the disk, not the archive
-            raise LayoutError(f"cut short or corrupt ({exc})") from None
-    if not ended:
-        raise LayoutError("the archive ends before its end-of-archive marker: truncated or corrupt")
-    if index is None or not layout:
-        missing = "index.json" if index is None else "oci-layout"
-        raise LayoutError(f"no {missing}: not an OCI image layout archive")
-    return parse_index_json(index)
-
-
-class _Prefixed(io.RawIOBase):
-    def __init__(self, prefix: bytes, rest: IO[bytes]) -> None:
-        self._prefix = prefix
-        self._rest = rest
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        if self._prefix:
-            n = min(len(view), len(self._prefix))
-            view[:n], self._prefix = self._prefix[:n], self._prefix[n:]
-            return n  # a short read, which the buffered reader above takes
-        data = self._rest.read(len(view))
-        view[: len(data)] = data
-        return len(data)
-
-
-def _open_regular(path: Path, limit: int | None) -> tuple[int, int]:
-    """A descriptor and size of a regular file, through no symlink at its last component."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == 40:  # ELOOP: the name is a symlink
-            raise LayoutError(f"{path.name} is a symlink; a layout directory is read through none") from None
-        raise
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise LayoutError(f"{path} is not a regular file")
-    if limit is not None and st.st_size > limit:
-        os.close(fd)
-        raise LayoutError(f"{path.name} is {st.st_size} bytes, more than {limit}")
-    return fd, st.st_size
-
-
-def _real_dir(path: Path) -> bool:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    if stat.S_ISLNK(st.st_mode):
-        raise LayoutError(f"{path} is a symlink; a layout directory is read through none")
-    return stat.S_ISDIR(st.st_mode)
-
-
-def _small_file(path: Path, limit: int) -> bytes:
-    try:
-        fd, size = _open_regular(path, limit)
-    except FileNotFoundError:
-        raise LayoutError(f"no {path.name}: not an OCI image layout directory") from None
-    with os.fdopen(fd, "rb") as f:
-        return f.read(size)  # its size, checked: a read of the limit would allocate the limit
-
-
-def _read_directory(root: Path, staging: Staging) -> tuple[list[Entry], Callable[[str], bool]]:
-    check_layout_file(_small_file(root / OCI_LAYOUT, OCI_LAYOUT_MAX))
-    entries = parse_index_json(_small_file(root / INDEX_JSON, INDEX_JSON_MAX))
-    blobs = root / "blobs"
-    usable = {alg for alg in DIGEST_HEX if _real_dir(blobs) and _real_dir(blobs / alg)}
-
-    checked: set[str] = set()
-
-    def fetch(text: str) -> bool:
-        """Read and check the blob once if the directory has it; else the cache may."""
-        if text in checked:
-            return True
-        digest = Digest.parse(text)
-        if digest.algorithm not in usable:
-            return staging.has(text)
-        name = f"blobs/{digest.algorithm}/{digest.hex}"
-        try:
-            fd, size = _open_regular(blobs / digest.algorithm / digest.hex, None)
-        except FileNotFoundError:
-            return staging.has(text)
-        with os.fdopen(fd, "rb") as f:
-            staging.take(digest, f, size, name)
-            if f.read(1):
-                raise LayoutError(f"{name} grew while it was read")
-        checked.add(text)
-        return True
-
-    return entries, fetch
 
 
 # --- committing (event loop) ------------------------------------------------------------------

@@ -310,9 +310,9 @@ async def test_an_archive_cut_between_members_is_refused_not_taken_for_a_partial
 async def test_an_archive_of_too_many_members_is_refused(
     open_engine: OpenEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from proxy.airgap import importer
+    from proxy.airgap import sources
 
-    monkeypatch.setattr(importer, "MEMBERS_MAX", 100)
+    monkeypatch.setattr(sources, "MEMBERS_MAX", 100)
     _, members = whole()
     path = tmp_path / "many.tar"
     path.write_bytes(tar_bytes([*((f"junk/{i}", b"") for i in range(101)), *members]))

@@ -14,6 +14,7 @@ from proxy.airgap.exporter import ExportError, export, write_archive
 from proxy.airgap.graph import Descriptor
 from proxy.airgap.importer import import_layout
 from proxy.airgap.prefetch import prefetch
+from proxy.airgap.sources import read_archive, read_directory
 from proxy.airgap.staging import Staging
 from proxy.core.reference import Digest
 from proxy.store.storage import Storage
@@ -66,11 +67,9 @@ def test_import_reads_a_large_blob_with_bounded_memory(tmp_path: Path) -> None:
     target = Storage(tmp_path / "target")
     target.prepare()
     staging = Staging(target, {})
-    from proxy.airgap.importer import _read_archive
-
     tracemalloc.start()
     try:
-        _read_archive(archive, staging)
+        read_archive(archive, staging)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -122,11 +121,9 @@ def test_a_layout_directory_is_read_with_bounded_memory(tmp_path: Path) -> None:
     target = Storage(tmp_path / "target")
     target.prepare()
     staging = Staging(target, {})
-    from proxy.airgap.importer import _read_directory
-
     tracemalloc.start()
     try:
-        _, fetch = _read_directory(root, staging)
+        _, fetch = read_directory(root, staging)
         assert fetch(str(digest))
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -144,11 +141,9 @@ def test_an_archive_of_many_members_is_read_in_bounded_memory(tmp_path: Path) ->
     target = Storage(tmp_path / "target")
     target.prepare()
     staging = Staging(target, {})
-    from proxy.airgap.importer import _read_archive
-
     tracemalloc.start()
     try:
-        assert len(_read_archive(path, staging)) == 1
+        assert len(read_archive(path, staging)) == 1
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
