@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from pathlib import Path
 
+from proxy.cli.common import UsageError, add_cache_flags, add_log_flags, out
 from proxy.cli.remote import Admin, RemoteError, quoted
 from proxy.core.config import Settings
 from proxy.core.imageref import BadReference, parse_image_reference
@@ -22,29 +22,26 @@ from proxy.store.storage import Storage
 SOURCE = "admin"
 
 
-def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for name, what in (("pin", "pin images (none given: list the pins)"), ("unpin", "remove pins")):
-        p = sub.add_parser(
-            name, help=what, description=f"{what[0].upper()}{what[1:]}. " + (__doc__ or "").split("\n\n")[1]
-        )
+        p = sub.add_parser(name, help=what, description=__doc__)
         p.add_argument("references", nargs="*" if name == "pin" else "+", metavar="REF")
-        p.add_argument("--config", type=Path, help="YAML config file (for cache_dir and upstreams)")
-        p.add_argument("--cache-dir", metavar="DIR", help="cache directory (default ~/.cache/ocicache)")
+        add_cache_flags(p)
         p.add_argument("--proxy", metavar="URL", help="act through the running proxy at URL (its admin API)")
+        add_log_flags(p, "warning")
 
 
-def run(command: str, ns: argparse.Namespace, settings: Settings) -> int:
+def run(settings: Settings, ns: argparse.Namespace) -> int:
     names = [u.name for u in settings.upstreams]
     try:
         refs = [str(parse_image_reference(r, names, names[0])) for r in ns.references]
     except BadReference as exc:
-        print(f"ocicache: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     try:
         if ns.proxy:
-            lines = _remote(command, refs, Admin(ns.proxy, settings.admin_token))
+            lines = _remote(ns.command, refs, Admin(ns.proxy, settings.admin_token))
         else:
-            lines = asyncio.run(_local(command, refs, settings))
+            lines = asyncio.run(_local(ns.command, refs, settings))
     except (RemoteError, LookupError) as exc:
         print(f"ocicache: {exc}", file=sys.stderr)
         return 1
@@ -52,7 +49,7 @@ def run(command: str, ns: argparse.Namespace, settings: Settings) -> int:
         print(f"ocicache: {exc}; to act on a running proxy, use --proxy URL", file=sys.stderr)
         return 2
     for line in lines:
-        print(line)
+        out(line)
     return 0
 
 

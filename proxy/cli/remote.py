@@ -33,12 +33,12 @@ class Admin:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise RemoteError(f"--proxy expects http(s)://HOST:PORT, got {url!r}")
-        self._base = url.rstrip("/")
+        self.base = url.rstrip("/")
         self._token = token
 
     def call(self, method: str, path: str, body: Any = None, *, timeout: float = TIMEOUT) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self._base + PREFIX + path, data=data, method=method)
+        request = urllib.request.Request(self.base + PREFIX + path, data=data, method=method)
         request.add_header("Authorization", f"Bearer {self._token}")
         request.add_header("Accept", "application/json")
         if data is not None:
@@ -47,10 +47,10 @@ class Admin:
             with urllib.request.urlopen(request, timeout=timeout) as resp:
                 return json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as err:
-            raise RemoteError(f"{self._base}: {err.code} {_message(err.read())}") from None
+            raise RemoteError(f"{self.base}: {err.code} {_message(err.read())}") from None
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
-            raise RemoteError(f"cannot reach {self._base}: {reason}") from None
+            raise RemoteError(f"cannot reach {self.base}: {reason}") from None
 
 
 def _message(body: bytes) -> str:

@@ -27,11 +27,12 @@ from typing import Any, Final
 
 from aiohttp import StreamReader, hdrs, web
 
+from proxy.airgap.graph import BadPlatform, parse_platform
+from proxy.airgap.removal import remove_images
 from proxy.core.admintoken import carries, fingerprint
 from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError
 from proxy.core.imageref import BadReference, ImageRef, parse_image_reference
-from proxy.flows.purge import purge
 from proxy.store.images import ImageRow, image_rows
 from proxy.web import keys
 from proxy.web.overview import overview
@@ -112,15 +113,19 @@ async def images(request: web.Request) -> web.Response:
 
 
 async def delete_image(request: web.Request) -> web.Response:
+    """As ``ocicache rm REF``: the image and the files only it needs."""
     ref = _reference(request, request.match_info["reference"])
-    done = await purge(request.app[keys.ENGINE], ref)
+    report = await remove_images(request.app[keys.ENGINE], [ref])
+    if report.unknown:
+        raise OciError(
+            Code.MANIFEST_UNKNOWN, "the cache holds no image by that reference", {"reference": str(ref)}
+        )
+    if report.pinned:
+        raise OciError(
+            Code.CONFLICT, "pinned: unpin it first", {"pinned": [r.reference for r in report.pinned]}
+        )
     return web.json_response(
-        {
-            "removed": [row_json(r) for r in done.removed],
-            "files": done.files,
-            "freed": done.freed,
-            "kept": done.kept,
-        }
+        {"removed": [row_json(r) for r in report.removed], "files": report.blobs, "freed": report.bytes}
     )
 
 
@@ -168,11 +173,13 @@ async def prefetch(request: web.Request) -> web.Response:
     platforms = body.get("platforms")
     if len(texts) > MAX_REFERENCES or not all(isinstance(t, str) for t in texts):
         raise OciError(Code.REQUEST_INVALID, f"references: up to {MAX_REFERENCES} strings")
-    if platforms is not None and (
-        not isinstance(platforms, list)
-        or not all(isinstance(p, str) and 0 < len(p) <= 100 for p in platforms)
-    ):
-        raise OciError(Code.REQUEST_INVALID, 'platforms: a list such as ["linux/amd64"]')
+    if platforms is not None:
+        if not isinstance(platforms, list) or not all(isinstance(p, str) for p in platforms):
+            raise OciError(Code.REQUEST_INVALID, 'platforms: a list such as ["linux/amd64"]')
+        try:
+            platforms = sorted({parse_platform(p) for p in platforms})
+        except BadPlatform as exc:
+            raise OciError(Code.REQUEST_INVALID, str(exc)) from None
     refs = [_reference(request, t) for t in texts]
     job = request.app[keys.JOBS].submit(refs, platforms)
     return web.json_response(

@@ -14,6 +14,8 @@ from aiohttp.typedefs import Middleware
 from cachetools import LRUCache
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from proxy.airgap.pinfetch import fetch_missing_pins
+from proxy.airgap.prefetch import prefetch as real_prefetch
 from proxy.core.config import Settings
 from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError, code_for_status, error_response
@@ -169,9 +171,18 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             metrics.live.sources.clear()
 
 
+async def _pins(app: web.Application) -> AsyncIterator[None]:
+    """Pins the cache lacks are fetched in the background while the proxy serves."""
+    task = asyncio.get_running_loop().create_task(fetch_missing_pins(app[keys.ENGINE]), name="pins")
+    app[keys.PINS_FETCH] = task
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 def create_app(settings: Settings, *, prefetch: Prefetcher | None = None) -> web.Application:
-    """``prefetch``: the air-gap layer's, for ``POST /admin/v1/prefetch`` (it sits above this
-    layer, so the caller hands it in)."""
+    """``prefetch``: what ``POST /admin/v1/prefetch`` runs (the air-gap layer's, unless a test
+    hands in its own)."""
     middlewares: list[Middleware] = [errors_and_access_log]
     public: tuple[Handler, ...] = (
         metrics_endpoint,
@@ -192,10 +203,11 @@ def create_app(settings: Settings, *, prefetch: Prefetcher | None = None) -> web
     app[keys.LIFECYCLE] = Lifecycle()
     app[keys.PULLS] = Pulls()
     app[keys.SAMPLES] = Samples()
-    app[keys.PREFETCH] = prefetch
+    app[keys.PREFETCH] = real_prefetch if prefetch is None else prefetch
     status.templates(app)
     app[keys.RESOLVED] = LRUCache(maxsize=8192)
     app.cleanup_ctx.append(_resources)
+    app.cleanup_ctx.append(_pins)
     if settings.auth.enabled:
         app.cleanup_ctx.append(gate.resources)
     app.on_shutdown.append(_stop_fills)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 from cachetools import LRUCache
 
+from proxy.airgap.prefetch import PrefetchReport
 from proxy.core.config import Settings
 from proxy.core.reference import PathRequest
 from proxy.core.routing import Route
@@ -43,6 +45,8 @@ SAMPLES: Final = web.AppKey("samples", Samples)
 JOBS: Final[web.AppKey[Jobs]] = web.AppKey("jobs")
 # The air-gap layer's prefetch, handed in by whoever builds the app (None: not available).
 PREFETCH: Final[web.AppKey[Prefetcher | None]] = web.AppKey("prefetch")
+# serve's background fetch of pins the cache lacks (done at once when there are none).
+PINS_FETCH: Final = web.AppKey("pins_fetch", asyncio.Task[PrefetchReport | None])
 # (raw path, ns) -> what it asks for and of which upstream: a pure function of the key, for
 # one app (its upstreams are fixed), remembered because pulls repeat the same few paths.
 RESOLVED: Final = web.AppKey("resolved", LRUCache[tuple[str, str | None], tuple[PathRequest, Route]])

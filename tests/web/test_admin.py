@@ -171,7 +171,7 @@ async def test_purge_keeps_what_another_image_needs(
     assert status == 200, body
     assert [r["reference"] for r in body["removed"]] == ["docker.io/library/first:v1"]
     gone = {first.manifest_digest, first.config.digest, first.layers[1].digest}
-    assert body["files"] == len(gone) and body["kept"] == 1  # the shared layer
+    assert body["files"] == len(gone)  # the shared layer stays
     held = await admin.cached()
     assert not gone & held
     assert first.layers[0].digest in held and {b.digest for b in second.blobs} <= held
@@ -378,6 +378,8 @@ async def test_prefetch_job_progress_and_outcome(
         (b'{"references": [1]}', "REQUEST_INVALID"),
         (b'{"references": ["../../etc/passwd"]}', "NAME_INVALID"),
         (b'{"references": ["alpine"], "platforms": "linux/amd64"}', "REQUEST_INVALID"),
+        (b'{"references": ["alpine"], "platforms": ["linux"]}', "REQUEST_INVALID"),
+        (b'{"references": ["alpine"], "platforms": ["<script>/x"]}', "REQUEST_INVALID"),
         (json.dumps({"references": ["alpine"] * 1001}).encode(), "REQUEST_INVALID"),
         (b'{"references": ["' + b"a" * 300_000 + b'"]}', "REQUEST_INVALID"),
     ],
@@ -431,11 +433,35 @@ async def test_a_flood_of_prefetch_jobs_is_bounded(
     scripted.go.set()
 
 
-async def test_prefetch_without_a_prefetcher_is_refused(admin: Proxy, session: aiohttp.ClientSession) -> None:
+async def test_the_real_prefetch_through_the_api(
+    admin: Proxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    image = make_image(layer_sizes=(5000, 70_000))
+    fake.add_image("library/app", image, tag="v1")
     status, body = await call(
-        session, "POST", f"{admin.url}/admin/v1/prefetch", json={"references": ["alpine"]}
+        session, "POST", f"{admin.url}/admin/v1/prefetch", json={"references": ["app:v1"]}
     )
-    assert status == 405 and body["errors"][0]["code"] == "UNSUPPORTED"
+    assert status == 202
+    _, done = await call(session, "GET", f"{admin.url}/admin/v1/jobs/{body['id']}?wait=60")
+    assert done["state"] == "done", done
+    assert (done["blobs_done"], done["blobs_total"]) == (len(image.blobs), len(image.blobs))
+    assert {b.digest: b.size for b in image.blobs} == {d: b["size"] for d, b in done["blobs"].items()}
+    assert all(b["state"] == "done" and b["done"] == b["size"] for b in done["blobs"].values())
+    assert done["outcome"]["references"][0]["ok"] is True
+    assert done["references_done"][0]["reference"] == "docker.io/library/app:v1"
+    assert {image.manifest_digest, *(b.digest for b in image.blobs)} <= await admin.cached()
+    # Pulled afterwards, all of it comes from the cache.
+    before = len(fake.seen)
+    await pull(session, admin, "library/app", "v1", image)
+    assert len(fake.seen) == before
+
+
+def test_job_progress_is_a_prefetch_progress() -> None:
+    from proxy.airgap.prefetch import PrefetchProgress
+    from proxy.web.jobs import Job, JobProgress
+
+    sink: PrefetchProgress = JobProgress(Job("x", [], None))  # checked by mypy
+    assert sink is not None
 
 
 async def test_a_purge_under_a_running_download_leaves_that_client_whole(
