@@ -105,6 +105,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         app[keys.FILLS] = engine.fills
         app[keys.CATALOGUE] = engine.catalogue
         app[keys.MANIFESTS] = engine.manifests
+        app[keys.REFERRERS] = engine.referrers
         app[keys.UPSTREAMS] = engine.upstreams
         yield
 

@@ -14,6 +14,7 @@ from proxy.flows.access import Access
 from proxy.flows.engine import Engine
 from proxy.flows.fills import Fills
 from proxy.flows.manifests import ManifestStore
+from proxy.flows.referrers import Referrers
 from proxy.store.cache import BlobCache
 from proxy.store.catalogue import Catalogue
 from proxy.store.storage import Storage
@@ -31,6 +32,7 @@ CACHE: Final = web.AppKey("cache", BlobCache)
 CATALOGUE: Final = web.AppKey("catalogue", Catalogue)
 FILLS: Final = web.AppKey("fills", Fills)
 MANIFESTS: Final = web.AppKey("manifests", ManifestStore)
+REFERRERS: Final = web.AppKey("referrers", Referrers)
 ACCESS: Final = web.AppKey("access", Access)
 UPSTREAMS: Final = web.AppKey("upstreams", dict[str, UpstreamClient])
 # (raw path, ns) -> what it asks for and of which upstream: a pure function of the key, for
