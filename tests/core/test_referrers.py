@@ -142,7 +142,7 @@ def test_a_held_manifest_is_described_with_its_artifact_type_and_annotations() -
         OCI_MANIFEST, D1, len(body), SBOM, (("org.opencontainers.image.created", "now"),)
     )
     # An index without artifactType has none; hostile annotations drop it.
-    bare = b"{\"schemaVersion\": 2}"
+    bare = b'{"schemaVersion": 2}'
     assert of_manifest(bare, D1, OCI_INDEX, None) == Descriptor(OCI_INDEX, D1, len(bare))
     assert of_manifest(json.dumps({"annotations": {"a": 5}}).encode(), D1, OCI_MANIFEST, None) is None
     assert of_manifest(b"garbage", D1, OCI_MANIFEST, None) is None
