@@ -10,7 +10,8 @@ The answer is always an image index, empty when nothing refers to the subject, n
   under the fallback tag ``sha256-<hex>``, fetched as a tag through :class:`ManifestStore` (so
   kept, revalidated and served stale like one), or empty when there is no such tag. Which kind
   an upstream is, is remembered for ``referrers_api_ttl``, so one without the API is not asked
-  for it on every request.
+  for it on every request; "no API" is learnt only from a subject upstream confirmed the
+  repository holds (a 404 may also mean a repository it does not have).
 * Offline, the answer is every referrer the cache holds for that repository: those upstream
   last listed, those in a fallback tag it holds, and every manifest it holds whose ``subject``
   is the digest (fetched, prefetched or imported). Only what the cache can serve is listed.
@@ -143,7 +144,11 @@ class Referrers:
             if reply is not None:
                 self._remember(upstream.name, True)
                 return ReferrersAnswer(reply.descriptors, time.time(), True, reply.truncated), "miss"
-            self._remember(upstream.name, False)
+            # A registry with the API may still answer 404 for a repository or a subject it
+            # does not have: only a 404 for a subject upstream confirmed this repository holds
+            # says the API is missing, or one client's typo would turn it off for everyone.
+            if await self.catalogue.holds(upstream.name, repository, str(subject)):
+                self._remember(upstream.name, False)
         tag = fallback_tag(subject)
         try:
             tagged = await self.manifests.get(upstream, repository, tag, [OCI_INDEX])

@@ -226,3 +226,25 @@ async def test_a_sha512_subject_uses_the_truncated_fallback_tag(
     assert (status, doc["manifests"]) == (200, [])
     assert fake.count(path_contains="/referrers/" + digest) == 1
     assert fake.count(path_contains="/manifests/sha512-" + "ab" * 32) == 1
+
+
+async def test_a_404_for_a_repository_upstream_does_not_hold_is_not_taken_as_no_api(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    # A registry with the API may answer 404 NAME_UNKNOWN for a repository it does not have:
+    # one client asking there must not turn the API off for everyone else for an hour.
+    subject, sig, sbom = attach(fake, seed=52)
+
+    def unknown_repository(request: web.Request, name: str, digest: str) -> web.StreamResponse | None:
+        if name != "library/nope":
+            return None
+        body = {"errors": [{"code": "NAME_UNKNOWN", "message": "repository name not known", "detail": None}]}
+        return web.json_response(body, status=404)
+
+    fake.referrers_hook = unknown_repository
+    proxy = await start_proxy({"docker.io": fake.url})
+    status, _, doc = await referrers(session, proxy, subject.manifest_digest, repo="library/nope")
+    assert (status, doc["manifests"]) == (200, [])
+    await pull(session, proxy, "v1")
+    _, _, doc = await referrers(session, proxy, subject.manifest_digest)
+    assert listed(doc) == [sig.manifest_digest, sbom.manifest_digest]
