@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from proxy.core.config import UpstreamConfig
 from proxy.web import keys
-from tests.conftest import Proxy, StartProxy
+from tests.conftest import Proxy, StartProxy, make_settings
 from tests.support.fake_upstream import FakeUpstream, ReferrersMode
 from tests.support.images import (
     MANIFEST_ACCEPT,
@@ -427,3 +429,20 @@ async def test_cosign_legacy_tags_are_ordinary_tags(
     offline = await start_proxy({"docker.io": fake.url}, cache_dir=cache, offline=True)
     for suffix, image in legacy.items():
         assert await pull(session, offline, base + suffix) == image.manifest
+
+
+async def test_referrers_through_a_token_upstream(
+    start_proxy: StartProxy, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    async with FakeUpstream(auth="bearer") as fake:
+        fake.referrers_page = 1
+        subject, sig, sbom = attach(fake, seed=30)
+        # The token service is on another port: trusted like Docker Hub's auth.docker.io.
+        up = UpstreamConfig("docker.io", fake.url, realm_hosts=(fake.token_url.removeprefix("http://"),))
+        proxy = await start_proxy(settings=replace(make_settings(tmp_path / "cache", {}), upstreams=(up,)))
+        await pull(session, proxy, "v1")
+        status, _, doc = await referrers(session, proxy, subject.manifest_digest)
+        assert (status, listed(doc)) == (200, [sig.manifest_digest, sbom.manifest_digest])
+        # Every page carried the token (the first page's 401 fetched one scoped to the repository).
+        pages = [s for s in fake.seen if "/referrers/" in s.path and "authorization" in s.headers]
+        assert len(pages) == 2
