@@ -124,6 +124,8 @@ class Settings:
     # (1: one stream). Each counts against upstream_blob_connections.
     fill_connections: int = 4
     parallel_fill_threshold: int = 32 * 1024 * 1024
+    # What one of those GETs asks for; the connections take chunks in order.
+    fill_chunk: int = 8 * 1024 * 1024
     # A range request for bytes this far beyond what a download has reached gets them from a
     # ranged upstream request of its own (lazy pullers), instead of waiting.
     lazy_range_gap: int = 8 * 1024 * 1024
@@ -299,6 +301,7 @@ PARSERS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "upstream_blob_connections": lambda k, v: parse_int(k, v, minimum=1),
     "fill_connections": lambda k, v: parse_int(k, v, minimum=1, maximum=32),
     "parallel_fill_threshold": parse_size,
+    "fill_chunk": parse_size,
     "lazy_range_gap": parse_size,
     "verified_ranges_only": parse_bool,
     "log_level": parse_choice(("debug", "info", "warning", "error")),

@@ -82,6 +82,7 @@ async def running(
                     retries=settings.blob_retries,
                     connections=settings.fill_connections,
                     threshold=settings.parallel_fill_threshold,
+                    chunk=settings.fill_chunk,
                     stall=settings.blob_read_timeout,
                 ),
                 cancel_abandoned=settings.cancel_abandoned_fills,

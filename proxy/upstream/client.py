@@ -630,7 +630,12 @@ class BlobStream:
             raise _unreachable(self._upstream, exc) from exc
 
     def close(self) -> None:
-        self._resp.close()
+        # A body read to its end leaves a connection the next ranged GET can reuse; one cut
+        # short must not be reused (its unread bytes would be taken for the next answer).
+        if self._resp.content.at_eof():
+            self._resp.release()
+        else:
+            self._resp.close()
         if self._slots is not None:
             self._slots.release()
             self._slots = None
