@@ -41,6 +41,15 @@ def add_log_flags(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--log-format", choices=("json", "console"), help="default json")
 
 
+def add_referrers_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--with-referrers",
+        action="store_true",
+        help="also the referrers of every manifest carried (signatures, SBOMs, attestations: "
+        "what the referrers API lists), with their blobs; not referrers of referrers",
+    )
+
+
 def add_reference_flags(p: argparse.ArgumentParser, *, platforms: bool = True) -> None:
     p.add_argument(
         "references",
