@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 log = structlog.get_logger("ocicache.cluster")
 
 T = TypeVar("T")
+F = TypeVar("F")
 
 # While Redis is down it is pinged this often (at most; the timeout is part of each try).
 PING_INTERVAL: Final = 1.0
@@ -64,7 +65,7 @@ class RedisState:
         with contextlib.suppress(*_FAILURES):
             await self.client.aclose()
 
-    async def call(self, command: Callable[[aioredis.Redis], Awaitable[T]], fallback: T) -> T:
+    async def call(self, command: Callable[[aioredis.Redis], Awaitable[T]], fallback: F) -> T | F:
         """``command``'s answer, or ``fallback`` when Redis is down, slow or fails."""
         if not self.up:
             return fallback
