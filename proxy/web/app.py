@@ -46,7 +46,7 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
     metrics.requests.labels(kind, cache, str(status)).inc()
     sent = request.get(keys.SENT, 0)
     metrics.served_bytes.labels(cache).inc(sent)
-    if keys.PEER in request and kind == "blobs" and status in (200, 206):
+    if keys.PEER in request and kind == "blobs" and status in (200, 206) and not request.get(keys.ABORTED):
         cluster = request.app[keys.CLUSTER]
         cluster.note("peer_served_blobs")
         cluster.note("peer_served_bytes", sent)
