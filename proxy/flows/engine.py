@@ -51,9 +51,11 @@ class Engine:
 
 @asynccontextmanager
 async def running(
-    settings: Settings, *, on_fill_finish: Callable[[Fill], None] | None = None
+    settings: Settings, *, on_fill_finish: Callable[[Fill], None] | None = None, serving: bool = False
 ) -> AsyncIterator[Engine]:
-    """Lock the cache directory, open everything, and close it all again on exit."""
+    """Lock the cache directory, open everything, and close it all again on exit. Only a
+    ``serving`` engine joins a cluster: a command-line tool has no address for peers to
+    stream from, so it fetches and commits as a lone replica would."""
     lock = CacheLock(settings.cache_dir)
     await asyncio.to_thread(lock.acquire)
     try:
@@ -65,7 +67,7 @@ async def running(
             await catalogue.set_pins(settings.pins, "config")
             async with AsyncExitStack() as stack:
                 cluster = None
-                if settings.cluster.enabled:
+                if settings.cluster.enabled and serving:
                     me = advertised(
                         settings.cluster,
                         settings.listen_host,
