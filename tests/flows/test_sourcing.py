@@ -19,8 +19,9 @@ from proxy.core.authconfig import AuthConfig
 from proxy.core.clusterconfig import ClusterConfig
 from proxy.core.peering import MISS_HEADER, PEER_HEADER
 from proxy.core.reference import Digest
+from proxy.flows.engine import running
 from proxy.web import keys
-from tests.conftest import Proxy, StartProxy
+from tests.conftest import Proxy, StartProxy, make_settings
 from tests.support.fake_upstream import BlobFaults, FakeUpstream
 from tests.support.redisserver import RedisServer
 from tests.support.tcprelay import Relay
@@ -219,3 +220,17 @@ async def test_a_replica_with_redis_stalled_serves_alone(
         metrics = await (await session.get(f"{a.url}/metrics")).text()
         assert "ocicache_cluster_redis_up 0.0" in metrics
         relay.set("pass")
+
+
+async def test_a_command_line_engine_does_not_join_the_cluster(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # prefetch, import and rm run an engine of their own: listed as holding what they fetched,
+    # they would send peers to an address nobody serves.
+    settings = make_settings(
+        tmp_path / "cache", {"docker.io": "http://127.0.0.1:9"}, cluster=cluster_cfg(redis_server.url)
+    )
+    async with running(settings) as engine:
+        assert engine.cluster is None
+    async with running(settings, serving=True) as engine:
+        assert engine.cluster is not None
