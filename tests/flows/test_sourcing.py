@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -17,12 +18,14 @@ from proxy.cluster.cluster import Cluster
 from proxy.cluster.keys import lease_key, locations_key
 from proxy.core.authconfig import AuthConfig
 from proxy.core.clusterconfig import ClusterConfig
+from proxy.core.config import UpstreamConfig
 from proxy.core.peering import MISS_HEADER, PEER_HEADER
 from proxy.core.reference import Digest
 from proxy.flows.engine import running
 from proxy.web import keys
 from tests.conftest import Proxy, StartProxy, make_settings
 from tests.support.fake_upstream import BlobFaults, FakeUpstream
+from tests.support.images import MANIFEST_ACCEPT, make_image
 from tests.support.redisserver import RedisServer
 from tests.support.tcprelay import Relay
 
@@ -234,3 +237,37 @@ async def test_a_command_line_engine_does_not_join_the_cluster(
         assert engine.cluster is None
     async with running(settings, serving=True) as engine:
         assert engine.cluster is not None
+
+
+async def test_tag_answers_manifests_and_tokens_are_shared_between_replicas(
+    start_proxy: StartProxy, redis_server: RedisServer, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    async with FakeUpstream(auth="bearer") as fake:
+        image = make_image(layer_sizes=(10_000,), seed=1402)
+        fake.add_image("library/app", image, tag="v1")
+        ups = (UpstreamConfig("docker.io", fake.url, realm_hosts=("127.0.0.1",)),)
+        a, b = [
+            await start_proxy(
+                settings=replace(
+                    make_settings(tmp_path / name, {}, cluster=cluster_cfg(redis_server.url)), upstreams=ups
+                )
+            )
+            for name in ("a", "b")
+        ]
+        url = "/v2/library/app/manifests/v1"
+        async with session.get(a.url + url, headers={"Accept": MANIFEST_ACCEPT}) as resp:
+            assert await resp.read() == image.manifest
+        tokens = fake.count(origin="token")
+        manifests = fake.count(path_contains="/manifests/")
+        async with session.get(b.url + url, headers={"Accept": MANIFEST_ACCEPT}) as resp:
+            assert await resp.read() == image.manifest
+            assert resp.headers["Docker-Content-Digest"] == image.manifest_digest
+        # B answered from what A shared: no manifest request upstream, no token either.
+        assert fake.count(path_contains="/manifests/") == manifests
+        assert fake.count(origin="token") == tokens
+        # A blob B must fetch itself... it streams from A if A holds it; here nobody does, so B
+        # fetches it, with A's token for the scope.
+        layer = image.layers[0]
+        async with session.get(f"{b.url}/v2/library/app/blobs/{layer.digest}") as resp:
+            assert await resp.read() == layer.data
+        assert fake.count(origin="token") == tokens
