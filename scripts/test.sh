@@ -7,11 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real parts the tests drive: the upstream registry (CNCF distribution), the clients, and the
-# servers the benchmarks compare against, the browser the status page is tested in, and
-# systemd-analyze for the unit in deploy/systemd.
-# python3-venv: Debian ships venv without ensurepip.
+# servers the benchmarks compare against, Redis for replicas, the browser the status page is
+# tested in, and systemd-analyze for the unit in deploy/systemd. python3-venv: Debian ships venv
+# without ensurepip.
 DEBS=(python3 python3-venv docker-registry skopeo docker.io containerd apache2-utils nginx-light curl wrk zsh
-  chromium chromium-driver systemd)
+  redis-server chromium chromium-driver systemd)
 missing=()
 for pkg in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -12,6 +12,13 @@ small whatever the images weigh, and a blob that rotted on disk stops the export
 being carried. It is written under a temporary name beside the output and renamed into place
 once whole and fsynced: a failed export leaves no partial archive under the name asked for.
 The blobs it copies are pinned against eviction meanwhile.
+
+``with_referrers`` carries the referrers of every manifest exported too (what the cache can
+serve for the reference's repository: see :meth:`~proxy.flows.referrers.Referrers.held`), each
+whole with what it needs, but not the referrers of referrers; they are fetched first (a
+prefetch ``with_referrers``) unless offline. They are listed in ``index.json`` without a name,
+after the references, as OCI layouts carry untagged manifests; import finds them there and
+serves them with the reference whose manifest is their subject.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import io
 import os
 import tarfile
 import uuid
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +48,7 @@ from proxy.flows.engine import Engine
 from proxy.store.catalogue import BLOB
 from proxy.store.images import best_answer
 from proxy.store.storage import Storage
+from proxy.upstream.client import UpstreamClient
 
 log = structlog.get_logger("ocicache.export")
 
@@ -57,6 +66,7 @@ class Planned:
     reference: ImageRef
     root: Descriptor
     digests: dict[str, int] = field(default_factory=dict)  # everything it needs -> size
+    referrers: dict[str, Descriptor] = field(default_factory=dict)  # with_referrers: digest -> it
 
 
 @dataclass
@@ -81,7 +91,7 @@ def compressed(output: Path) -> bool:
 
 
 async def plan(
-    engine: Engine, ref: ImageRef, platforms: frozenset[str] | None
+    engine: Engine, ref: ImageRef, platforms: frozenset[str] | None, with_referrers: bool = False
 ) -> tuple[Planned | None, list[str]]:
     """What ``ref`` needs from the cache, or None and what is missing."""
     catalogue = engine.catalogue
@@ -97,7 +107,8 @@ async def plan(
         return None, [f"{ref}: manifest {root} not cached"]
     planned = Planned(ref, Descriptor(root, info.media_type, info.size))
     missing: list[str] = []
-    await _visit(engine, planned, planned.root, platforms, missing, 0)
+    client = engine.upstreams.get(ref.upstream) if with_referrers else None
+    await _visit(engine, planned, planned.root, platforms, missing, 0, client)
     return (None, missing) if missing else (planned, [])
 
 
@@ -108,7 +119,10 @@ async def _visit(
     platforms: frozenset[str] | None,
     missing: list[str],
     depth: int,
+    referrers_of: UpstreamClient | None = None,
 ) -> None:
+    """``referrers_of``: the upstream whose referrers of each manifest visited are carried too
+    (None: none, as for a referrer itself)."""
     if d.digest in planned.digests:
         return  # listed again (an index may list one manifest many times): walked once
     loaded = await engine.manifests.load(Digest.parse(d.digest))
@@ -117,8 +131,14 @@ async def _visit(
         return
     body, _ = loaded
     planned.digests[d.digest] = len(body)
-    # Hook for referrers (issue 15): ``--with-referrers`` adds the referrers of every manifest
-    # visited here (and their blobs) to ``planned.digests``, and to index.json as entries.
+    if referrers_of is not None:
+        held = await engine.referrers.held(referrers_of, planned.reference.repository, Digest.parse(d.digest))
+        for r in held:
+            if r.digest in planned.digests:
+                continue
+            planned.referrers[r.digest] = Descriptor(r.digest, r.media_type, r.size)
+            # Whole (every platform, if an index), and not its own referrers.
+            await _visit(engine, planned, planned.referrers[r.digest], None, missing, depth + 1)
     try:
         kids = children(body)
     except NotAManifest as exc:
@@ -132,7 +152,7 @@ async def _visit(
         if not chosen:
             missing.append(f"{planned.reference}: no manifest for the platforms asked for")
         for child in chosen:
-            await _visit(engine, planned, child, platforms, missing, depth + 1)
+            await _visit(engine, planned, child, platforms, missing, depth + 1, referrers_of)
         return
     for blob in kids.blobs:
         if not engine.catalogue.has(blob.digest, BLOB):
@@ -150,21 +170,31 @@ async def export(
     *,
     platforms: frozenset[str] | None = None,
     progress: PrefetchProgress | None = None,
+    with_referrers: bool = False,
 ) -> ExportReport:
     await engine.cache.checked()  # no file the start-up size check is about to drop
+    fetched: PrefetchReport | None = None
+    if with_referrers and not engine.settings.offline:
+        # Which referrers there are only upstream knows: ask it for every reference.
+        fetched = await prefetch(
+            engine, references, platforms=platforms, progress=progress, with_referrers=True
+        )
+        if fetched.failed:
+            raise ExportError("\n".join(f"{o.reference}: {o.error}" for o in fetched.failed[:5]))
     plans: list[Planned] = []
     lacking: dict[ImageRef, list[str]] = {}
     for ref in references:
-        found, missing = await plan(engine, ref, platforms)
+        found, missing = await plan(engine, ref, platforms, with_referrers)
         if found is None:
             lacking[ref] = missing
         else:
             plans.append(found)
-    fetched: PrefetchReport | None = None
     if lacking and not engine.settings.offline:
-        fetched = await prefetch(engine, list(lacking), platforms=platforms, progress=progress)
+        fetched = await prefetch(
+            engine, list(lacking), platforms=platforms, progress=progress, with_referrers=with_referrers
+        )
         for ref in list(lacking):
-            found, missing = await plan(engine, ref, platforms)
+            found, missing = await plan(engine, ref, platforms, with_referrers)
             if found is not None:
                 plans.append(found)
                 del lacking[ref]
@@ -181,7 +211,10 @@ async def export(
     with ExitStack() as pins:
         for digest in blobs:
             pins.enter_context(engine.cache.pinned(Digest.parse(digest)))
-        entries = [(p.root, str(p.reference)) for p in plans]
+        entries: list[tuple[Descriptor, str | None]] = [(p.root, str(p.reference)) for p in plans]
+        named = {p.root.digest for p in plans}
+        unnamed = {d.digest: d for p in plans for d in p.referrers.values() if d.digest not in named}
+        entries += [(d, None) for d in unnamed.values()]
         size = await asyncio.to_thread(write_archive, engine.storage, entries, blobs, output)
     report = ExportReport(output, plans, len(blobs), sum(blobs.values()), size, fetched)
     log.info("exported", output=str(output), references=len(plans), blobs=len(blobs), bytes=report.bytes)
@@ -205,7 +238,7 @@ class _Hashing(io.RawIOBase):
 
 
 def write_archive(
-    storage: Storage, entries: list[tuple[Descriptor, str]], blobs: dict[str, int], output: Path
+    storage: Storage, entries: Sequence[tuple[Descriptor, str | None]], blobs: dict[str, int], output: Path
 ) -> int:
     """Write the layout to ``output`` (blocking: run it in a thread); returns its size."""
     temp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:12]}.part")
@@ -227,7 +260,7 @@ def write_archive(
 
 
 def _write_tar(
-    out: IO[bytes], storage: Storage, entries: list[tuple[Descriptor, str]], blobs: dict[str, int]
+    out: IO[bytes], storage: Storage, entries: Sequence[tuple[Descriptor, str | None]], blobs: dict[str, int]
 ) -> None:
     # copybufsize: blobs copied in pieces of CHUNK (tarfile's default is 16 KiB); a TarFile
     # argument that open() passes on, missing from its type stubs.

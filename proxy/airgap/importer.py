@@ -21,6 +21,12 @@ recorded for every media type (``accept_key(None)``), so that an ``--offline`` p
 to clients of every kind. A reference without a registry goes to the default upstream; one
 whose registry is not configured is imported and recorded under that registry's name, and is
 served once the registry is configured.
+
+Referrers (signatures, SBOMs: ``export --with-referrers`` lists them in ``index.json`` without a
+name, as OCI layouts carry untagged manifests) are imported like any manifest, so the catalogue
+indexes them by their ``subject``; one whose subject is in a named reference's closure is
+confirmed for that reference's repository with everything it needs, so an offline proxy lists
+and serves it there (referrers of referrers are not followed).
 """
 
 from __future__ import annotations
@@ -86,12 +92,15 @@ class ImportReport:
     already_cached: int = 0
     manifests: int = 0
     notes: list[str] = field(default_factory=list)
+    # Unnamed entries that are referrers of a reference imported, served with it.
+    referrers: list[ImportedReference] = field(default_factory=list)
 
     def summary(self) -> str:
         served = sum(1 for r in self.references if r.served)
+        referrers = f", {len(self.referrers)} referrers" if self.referrers else ""
         return (
             f"imported {len(self.references)} reference{'s' if len(self.references) != 1 else ''} "
-            f"({served} served) from {self.source}: {self.blobs_added} blobs added "
+            f"({served} served{referrers}) from {self.source}: {self.blobs_added} blobs added "
             f"({human_bytes(self.bytes_added)}), {self.already_cached} already cached, "
             f"{self.manifests} manifests"
         )
@@ -270,18 +279,31 @@ async def _commit(engine: Engine, source: Path, staging: Staging, read: _Read) -
         catalogue.index_manifest(text, info)
         cache.note_added()
     now = time.time()
-    # Hook for referrers (issue 15): every manifest index.json reaches is imported with its
-    # subject (ManifestInfo); unnamed entries whose subject a named one holds are to be
-    # confirmed for that reference's repository here, so that they are served with it.
+    # Unnamed entries by the subject they refer to (a referrer carried with an image).
+    referring: dict[str, list[ImportedReference]] = {}
+    for imported in references:
+        subject = read.manifests[imported.digest].subject
+        if imported.name is None and subject is not None:
+            referring.setdefault(subject, []).append(imported)
     for imported in references:
         ref = imported.reference
         if ref is None:
             continue
         for needed in sorted(read.closures[imported.digest]):
             await catalogue.add_holder(ref.upstream, ref.repository, needed)
+            for referrer in referring.get(needed, ()):
+                for its in sorted(read.closures[referrer.digest]):
+                    await catalogue.add_holder(ref.upstream, ref.repository, its)
+                referrer.reference = ImageRef(
+                    ref.upstream, ref.repository, None, Digest.parse(referrer.digest)
+                )
+                referrer.served = True
+                referrer.note = f"a referrer of {needed} ({ref})"
         if ref.tag is not None:
             answer = TagAnswer(imported.digest, imported.media_type, now)
             await catalogue.put_answers((ref.upstream, ref.repository, ref.tag), {accept_key(None): answer})
+    report.referrers = [r for r in references if r.served and r.name is None]
+    report.references = [r for r in references if not (r.served and r.name is None)]
     await cache.settled()
     imported_digests = set(read.blobs) | set(read.manifests)
     evicted = [d for d in imported_digests if d not in catalogue.blobs]

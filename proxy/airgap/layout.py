@@ -14,6 +14,7 @@ written under an archive's own names, but such an archive is not one we made or 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -61,17 +62,15 @@ def check_layout_file(body: bytes) -> None:
         raise LayoutError("oci-layout has no imageLayoutVersion")
 
 
-def index_json(entries: list[tuple[Descriptor, str]]) -> bytes:
-    """The layout's ``index.json``: each descriptor annotated with its full reference."""
-    manifests = [
-        {
-            "mediaType": d.media_type,
-            "digest": d.digest,
-            "size": d.size,
-            "annotations": {REF_NAME: name, CONTAINERD_NAME: name},
-        }
-        for d, name in entries
-    ]
+def index_json(entries: Sequence[tuple[Descriptor, str | None]]) -> bytes:
+    """The layout's ``index.json``: each descriptor annotated with its full reference, if it
+    has one (a referrer carried with an image has none)."""
+    manifests: list[dict[str, Any]] = []
+    for d, name in entries:
+        entry: dict[str, Any] = {"mediaType": d.media_type, "digest": d.digest, "size": d.size}
+        if name is not None:
+            entry["annotations"] = {REF_NAME: name, CONTAINERD_NAME: name}
+        manifests.append(entry)
     doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
     return json.dumps(doc, indent=2).encode() + b"\n"
 

@@ -11,6 +11,12 @@ it (from the catalogue, else by a HEAD upstream), exactly as a pull would. At mo
 ``concurrency`` blobs download at once in one run, and a blob two references share is fetched
 once.
 
+``with_referrers`` also brings the referrers of every manifest walked (signatures, SBOMs,
+attestations: what :class:`~proxy.flows.referrers.Referrers` answers for it, at most
+``referrers_max`` each), with what they need, every platform of a referrer that is an index;
+not the referrers of referrers. They are stored through the same paths, so the catalogue
+indexes them by subject and confirms them for the reference's repository.
+
 ``serve`` runs this for ``pins:`` that are not complete in the cache (:mod:`.pinfetch`), the
 CLI for ``ocicache prefetch`` and ``export``, and the admin API for ``POST /admin/v1/prefetch``.
 """
@@ -91,6 +97,7 @@ class ReferenceOutcome:
     media_type: str | None = None
     platforms: tuple[str, ...] = ()  # of an index: the platforms fetched
     manifests: int = 0
+    referrers: int = 0  # with_referrers: the referrers brought, of every manifest walked
     blobs: int = 0  # configs and layers it needs (fetched or cached)
     error: str | None = None
 
@@ -105,6 +112,7 @@ class ReferenceOutcome:
             "media_type": self.media_type,
             "platforms": list(self.platforms),
             "manifests": self.manifests,
+            "referrers": self.referrers,
             "blobs": self.blobs,
             "ok": self.ok,
             "error": self.error,
@@ -137,6 +145,11 @@ class PrefetchReport:
             f"{refs}; {self.blobs_fetched} blobs fetched ({human_bytes(self.bytes_fetched)}), "
             f"{self.blobs_cached} already cached ({human_bytes(self.bytes_cached)}); "
             f"{self.manifests} manifests"
+            + (
+                f" ({referrers} of them referrers)"
+                if (referrers := sum(o.referrers for o in self.references))
+                else ""
+            )
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -186,9 +199,11 @@ async def prefetch(
     platforms: frozenset[str] | None = None,
     progress: PrefetchProgress | None = None,
     concurrency: int = DEFAULT_CONCURRENCY,
+    with_referrers: bool = False,
 ) -> PrefetchReport:
     """Put ``references`` into the cache; one outcome per reference, in their order."""
     run = _Run(engine, platforms, progress or NoProgress(), concurrency)
+    run.with_referrers = with_referrers
     outcomes = await asyncio.gather(*(run.reference(ref) for ref in references))
     run.report.references = list(outcomes)
     return run.report
@@ -202,6 +217,7 @@ class _Run:
         self.platforms = platforms
         self.progress = progress
         self.report = PrefetchReport()
+        self.with_referrers = False
         self._downloads = asyncio.Semaphore(max(1, concurrency))
         self._references = asyncio.Semaphore(REFERENCES_AT_ONCE)
         # One task per digest in this run, which every reference needing it awaits.
@@ -217,7 +233,7 @@ class _Run:
                 target: Digest | str = ref.digest if ref.digest is not None else str(ref.tag)
                 served = await self.engine.manifests.get(client, ref.repository, target, [])
                 outcome.digest, outcome.media_type = str(served.digest), served.media_type
-                await self._walk(ref, client, served.body, outcome, 0, {served.digest.hex})
+                await self._walk(ref, client, served.digest, served.body, outcome, 0, {served.digest.hex})
             except (OciError, FillFailed, PrefetchError, NotAManifest, OSError) as err:
                 outcome.error = reason(err)
                 log.info("prefetch_failed", reference=str(ref), reason=outcome.error)
@@ -228,31 +244,40 @@ class _Run:
         self,
         ref: ImageRef,
         client: UpstreamClient,
+        digest: Digest,
         body: bytes,
         outcome: ReferenceOutcome,
         depth: int,
         walked: set[str],
+        *,
+        referrer: bool = False,
     ) -> None:
         """``walked``: the manifests of this reference already walked (an index may list one
-        many times, nested: each is walked once)."""
+        many times, nested: each is walked once). A ``referrer`` is walked whole (every
+        platform, if an index), and its own referrers are not followed."""
         outcome.manifests += 1
         self.report.manifests += 1
-        # Hook for referrers (issue 15): ``--with-referrers`` follows the referrers of every
-        # manifest walked here (a keyword argument of prefetch(), off by default).
         kids = children(body)
+        follow = self.with_referrers and not referrer
         if not kids.is_index:
             outcome.blobs += len(kids.blobs)
-            await _all(self._blob(ref, client, d) for d in kids.blobs)
+            await _all(
+                [
+                    *(self._blob(ref, client, d) for d in kids.blobs),
+                    *([self._referrers(ref, client, digest, outcome, depth, walked)] if follow else []),
+                ]
+            )
             return
         if depth >= NESTING_MAX:
             raise PrefetchError(f"indexes nested deeper than {NESTING_MAX}")
-        chosen = selected(kids.manifests, self.platforms)
-        if not chosen and self.platforms is not None:
+        platforms = None if referrer else self.platforms
+        chosen = selected(kids.manifests, platforms)
+        if not chosen and platforms is not None:
             offered = ", ".join(sorted({d.platform or "none" for d in kids.manifests})) or "none"
             raise PrefetchError(
-                f"the index has no manifest for {', '.join(sorted(self.platforms))} (it has: {offered})"
+                f"the index has no manifest for {', '.join(sorted(platforms))} (it has: {offered})"
             )
-        if depth == 0:
+        if depth == 0 and not referrer:
             outcome.platforms = tuple(d.platform or "unknown" for d in chosen)
 
         async def child(d: Descriptor) -> None:
@@ -261,9 +286,37 @@ class _Run:
                 return
             walked.add(digest.hex)
             served = await self.engine.manifests.get(client, ref.repository, digest, [])
-            await self._walk(ref, client, served.body, outcome, depth + 1, walked)
+            await self._walk(ref, client, digest, served.body, outcome, depth + 1, walked, referrer=referrer)
 
-        await _all(child(d) for d in chosen)
+        work = [child(d) for d in chosen]
+        if follow:
+            work.append(self._referrers(ref, client, digest, outcome, depth, walked))
+        await _all(work)
+
+    async def _referrers(
+        self,
+        ref: ImageRef,
+        client: UpstreamClient,
+        subject: Digest,
+        outcome: ReferenceOutcome,
+        depth: int,
+        walked: set[str],
+    ) -> None:
+        """The referrers of ``subject`` and what they need (never their own referrers)."""
+        answer = await self.engine.referrers.get(client, ref.repository, subject, None)
+
+        async def one(digest: Digest) -> None:
+            try:
+                served = await self.engine.manifests.get(client, ref.repository, digest, [])
+                await self._walk(ref, client, digest, served.body, outcome, depth + 1, walked, referrer=True)
+            except (OciError, FillFailed, PrefetchError, NotAManifest) as err:
+                raise PrefetchError(f"referrer {digest} of {subject}: {reason(err)}") from err
+            outcome.referrers += 1
+
+        fresh = [Digest.parse(d.digest) for d in answer.descriptors]
+        fresh = [d for d in fresh if d.hex not in walked]
+        walked.update(d.hex for d in fresh)
+        await _all(one(d) for d in fresh)
 
     async def _blob(self, ref: ImageRef, client: UpstreamClient, d: Descriptor) -> None:
         digest = Digest.parse(d.digest)

@@ -45,6 +45,15 @@ def add_log_flags(p: argparse.ArgumentParser, default: str) -> None:
     )
 
 
+def add_referrers_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--with-referrers",
+        action="store_true",
+        help="also the referrers of every manifest carried (signatures, SBOMs, attestations: "
+        "what the referrers API lists), with their blobs; not referrers of referrers",
+    )
+
+
 def add_reference_flags(p: argparse.ArgumentParser, *, platforms: bool = True) -> None:
     p.add_argument(
         "references",
@@ -82,6 +91,8 @@ def flags(ns: argparse.Namespace) -> dict[str, Any]:
         "log_level": "log_level",
         "log_format": "log_format",
         "offline": "offline",
+        "cluster.redis": "redis",
+        "cluster.advertise": "advertise",
     }
     return {key: getattr(ns, attr, None) for key, attr in names.items()}
 

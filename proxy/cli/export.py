@@ -12,6 +12,7 @@ from proxy.cli.common import (
     add_cache_flags,
     add_log_flags,
     add_reference_flags,
+    add_referrers_flag,
     err,
     out,
     platforms,
@@ -34,6 +35,7 @@ def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "(oci-archive:FILE:REF), ctr images import and ocicache import.",
     )
     add_reference_flags(p)
+    add_referrers_flag(p)
     p.add_argument(
         "--output", "-o", type=Path, required=True, metavar="FILE", help="FILE.tar or FILE.tar.zst"
     )
@@ -73,7 +75,14 @@ def run(settings: Settings, ns: argparse.Namespace) -> int:
             return "the cache holds no tagged image"
         with shown:
             try:
-                return await export(engine, chosen, output, platforms=wanted, progress=shown)
+                return await export(
+                    engine,
+                    chosen,
+                    output,
+                    platforms=wanted,
+                    progress=shown,
+                    with_referrers=ns.with_referrers,
+                )
             except ExportError as exc:
                 return str(exc)
 

@@ -47,6 +47,8 @@ def run(settings: Settings, ns: argparse.Namespace) -> int:
         name = str(ref.reference) if ref.reference is not None else (ref.name or "(unnamed)")
         line = f"{'served' if ref.served else 'held  '} {name} {ref.digest}"
         out(line + (f": {ref.note}" if ref.note else ""))
+    for referrer in report.referrers:
+        out(f"served {referrer.reference}: {referrer.note}")
     for note in report.notes:
         out(f"note: {note}")
     out(report.summary())

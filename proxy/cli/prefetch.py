@@ -12,6 +12,7 @@ from proxy.cli.common import (
     add_cache_flags,
     add_log_flags,
     add_reference_flags,
+    add_referrers_flag,
     err,
     out,
     platforms,
@@ -33,6 +34,7 @@ def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "are not fetched again. Exit status 1 if any reference failed (each is named).",
     )
     add_reference_flags(p)
+    add_referrers_flag(p)
     add_cache_flags(p)
     p.add_argument("--max-cache-size", metavar="SIZE", help="disk budget for blobs (default 20GiB)")
     p.add_argument(
@@ -52,7 +54,9 @@ def run(settings: Settings, ns: argparse.Namespace) -> int:
 
     async def work(engine: Engine) -> PrefetchReport:
         with shown:
-            return await prefetch(engine, refs, platforms=wanted, progress=shown)
+            return await prefetch(
+                engine, refs, platforms=wanted, progress=shown, with_referrers=ns.with_referrers
+            )
 
     report = with_engine(settings, work)
     if len(report.references) > 1:  # the failures again, together, before the summary

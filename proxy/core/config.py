@@ -18,6 +18,7 @@ import yaml
 from yarl import URL
 
 from proxy.core.authconfig import AuthConfig, TlsConfig, check_rule_upstreams, parse_auth, parse_tls
+from proxy.core.clusterconfig import CLUSTER_KEYS, ClusterConfig, parse_cluster
 from proxy.core.configvalues import (
     ConfigError,
     parse_bool,
@@ -25,6 +26,7 @@ from proxy.core.configvalues import (
     parse_fraction,
     parse_int,
     parse_listen,
+    parse_mapping,
     parse_optional_seconds,
     parse_path,
     parse_seconds,
@@ -33,6 +35,7 @@ from proxy.core.configvalues import (
     parse_ttl,
 )
 from proxy.core.imageref import BadReference, parse_image_reference
+from proxy.core.referrers import is_fallback_tag
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +112,12 @@ class Settings:
     blob_retries: int = 3
     # Upper bound for tags/list ?n=, so one request cannot ask upstream for everything.
     tags_page_max: int = 1000
+    # How long a subject's referrers answer (and its fallback tag) is trusted (None: forever).
+    referrers_ttl: float | None = 60.0
+    # Descriptors per subject: upstream's pages are followed up to this many, and no more kept.
+    referrers_max: int = 1024
+    # How long we remember whether an upstream has the referrers API.
+    referrers_api_ttl: float = 3600.0
     # When every client of a download has left: finish it to warm the cache (False) or stop.
     cancel_abandoned_fills: bool = False
     # Blob downloads open at once per upstream; more wait their turn (never time out waiting).
@@ -136,6 +145,8 @@ class Settings:
     # or OCICACHE_ADMIN_TOKEN. Read by load(), never written anywhere.
     admin_token_env: str | None = None
     admin_token: str | None = field(default=None, repr=False)
+    # Replicas sharing state through Redis (off without cluster.redis).
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
     def default_upstream(self) -> UpstreamConfig:
@@ -152,6 +163,9 @@ class Settings:
         for rule in self.tag_rules:
             if rule.pattern.fullmatch(tag):
                 return rule.ttl
+        if is_fallback_tag(tag):
+            # The referrers tag schema's index changes as a subject's referrers do.
+            return self.referrers_ttl
         if upstream.tag_ttl_forever:
             return None
         return upstream.tag_ttl if upstream.tag_ttl is not None else self.tag_ttl
@@ -303,6 +317,9 @@ PARSERS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "blob_read_timeout": parse_seconds,
     "blob_retries": lambda k, v: parse_int(k, v, maximum=100),
     "tags_page_max": lambda k, v: parse_int(k, v, minimum=1, maximum=100_000),
+    "referrers_ttl": parse_ttl,
+    "referrers_max": lambda k, v: parse_int(k, v, minimum=1, maximum=100_000),
+    "referrers_api_ttl": parse_seconds,
     "cancel_abandoned_fills": parse_bool,
     "upstream_blob_connections": lambda k, v: parse_int(k, v, minimum=1),
     "fill_connections": lambda k, v: parse_int(k, v, minimum=1, maximum=32),
@@ -316,8 +333,11 @@ PARSERS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "auth": parse_auth,
     "tls": parse_tls,
     "admin_token_env": parse_env_name,
+    "cluster": parse_cluster,
 }
 _FIELD_OF: Final = {"max_cache_size": "max_cache_bytes"}
+# Keys of mapping settings that flags may set one at a time ("cluster.redis": --redis).
+_NESTED_FLAGS: Final = {"cluster": ("redis", "advertise")}
 
 
 def admin_token(settings: Settings, environ: Mapping[str, str]) -> str | None:
@@ -363,6 +383,16 @@ def build(*layers: Mapping[str, Any]) -> Settings:
     merged: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
+            outer, dot, inner = key.partition(".")
+            if dot and outer in _NESTED_FLAGS and inner in _NESTED_FLAGS[outer]:
+                # A flag for one key of a mapping (--redis is cluster.redis): it overrides that
+                # key and keeps the rest of the mapping from the file or the environment.
+                if value is not None:
+                    below = merged.get(outer) or {}
+                    if isinstance(below, str):
+                        below = parse_mapping(outer, below, CLUSTER_KEYS)
+                    merged[outer] = {**below, inner: value}
+                continue
             if key not in PARSERS:
                 raise ConfigError(key, f"unknown setting (known: {', '.join(PARSERS)})")
             if value is not None:

@@ -19,11 +19,12 @@ upstream's last failure for the status page. Exchanges are timed the same way.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import aiohttp
 import structlog
@@ -33,8 +34,10 @@ from yarl import URL
 from proxy.core.config import Settings, UpstreamConfig
 from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError
-from proxy.core.mediatypes import MANIFEST_MAX, MANIFEST_TYPES
+from proxy.core.links import next_target
+from proxy.core.mediatypes import MANIFEST_MAX, MANIFEST_TYPES, OCI_INDEX
 from proxy.core.reference import Digest
+from proxy.core.referrers import PAGE_MAX, Descriptor, NotAnIndex, filters_applied, parse_index
 from proxy.core.upstreamauth import (
     Challenge,
     Token,
@@ -59,6 +62,12 @@ TAGS_MAX: Final = 4 * 1024 * 1024
 # Token answers are small JSON documents (a JWT or two); anything larger is not one.
 TOKEN_MAX: Final = 1024 * 1024
 MAX_REDIRECTS: Final = 5
+# Pages of one referrers answer we follow at most (each must bring new descriptors, too).
+REFERRERS_PAGES_MAX: Final = 64
+# Upstream's query for its next page goes back to it, but not an unbounded one.
+_LINK_QUERY_MAX: Final = 2048
+# Statuses that mean "no referrers API here" (spec: a registry with it never answers 404).
+_NO_REFERRERS_API: Final = frozenset({404, 405})
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 _TRANSPORT_ERRORS: Final = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
@@ -116,12 +125,28 @@ class Sessions:
     blobs: aiohttp.ClientSession
 
 
+class TokenShare(Protocol):
+    """Upstream tokens other replicas fetched, per upstream, identity and scope (a cluster)."""
+
+    async def get(self, upstream: str, who: str, scope: str) -> tuple[str, float] | None: ...
+
+    async def put(self, upstream: str, who: str, scope: str, value: str, seconds: float) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ManifestReply:
     body: bytes  # empty for HEAD
     media_type: str
     digest: str | None  # upstream's Docker-Content-Digest, if it sent one
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReferrersReply:
+    descriptors: tuple[Descriptor, ...]
+    truncated: bool  # more than the limit, or paging stopped early: some were left out
+    filtered: bool  # upstream said it applied the artifactType filter to every page
+    dropped: int  # entries that were not valid referrer descriptors
 
 
 class UpstreamClient:
@@ -133,8 +158,12 @@ class UpstreamClient:
         sessions: Sessions,
         settings: Settings,
         stored_credentials: tuple[str, str] | None = None,
+        shared_tokens: TokenShare | None = None,
     ) -> None:
         self.cfg = cfg
+        self._shared_tokens = shared_tokens
+        # Which credentials a shared token belongs to, without naming them.
+        self._who = hashlib.sha256(f"{cfg.url}\n{cfg.username or ''}".encode()).hexdigest()[:16]
         self.name = cfg.name
         self.url = URL(cfg.url)
         self._session = sessions.api
@@ -224,7 +253,7 @@ class UpstreamClient:
             return f"Bearer {token.value}"
         return self._basic
 
-    async def _authenticate(self, challenge: Challenge, scope: str) -> None:
+    async def _authenticate(self, challenge: Challenge, scope: str, refused: str | None = None) -> None:
         creds = await self.credentials()
         if challenge.scheme == "basic":
             if creds is None:
@@ -252,6 +281,13 @@ class UpstreamClient:
             token = self._tokens.get(scope)
             if token is not None and token.fresh():
                 return
+            if self._shared_tokens is not None:
+                shared = await self._shared_tokens.get(self.name, self._who, scope)
+                if shared is not None and shared[0] != refused:
+                    # Another replica's token for the same credentials and scope.
+                    self._tokens[scope] = Token(shared[0], time.monotonic() + shared[1])
+                    if self._tokens[scope].fresh():
+                        return
             headers = {"Authorization": basic_header(*creds)} if creds else {}
             url = token_request_url(challenge, scope)
             started = time.monotonic()
@@ -267,11 +303,16 @@ class UpstreamClient:
                 raise self.unreachable(exc, failures.TOKEN, _host_of(url)) from exc
             except ValueError as exc:
                 raise self.bad_answer(failures.TOKEN, "token answer is not JSON") from exc
-            token = parse_token_response(body, time.monotonic())
+            now = time.monotonic()
+            token = parse_token_response(body, now)
             if token is None:
                 raise self.bad_answer(failures.TOKEN, "token answer has no token")
             self.health.succeeded()
             self._tokens[scope] = token
+            if self._shared_tokens is not None:
+                await self._shared_tokens.put(
+                    self.name, self._who, scope, token.value, token.expires_at - now
+                )
 
     # --- requests --------------------------------------------------------------------------
 
@@ -348,8 +389,8 @@ class UpstreamClient:
                 self.report(operation, self.host, failures.status_cause(401))
                 raise OciError(Code.DENIED, "upstream denied access", {"upstream": self.name})
             # A 401 with a token we already had means it expired or was revoked: get a new one.
-            self._tokens.pop(scope, None)
-            await self._authenticate(challenge, scope)
+            had = self._tokens.pop(scope, None)
+            await self._authenticate(challenge, scope, refused=None if had is None else had.value)
         raise AssertionError("unreachable")
 
     def _note_ratelimit(self, resp: aiohttp.ClientResponse) -> None:
@@ -419,26 +460,23 @@ class UpstreamClient:
                 blob=True,
                 operation=failures.BLOB,
             )
-            if resp.status == 200:
-                start, stop = 0, None
-            elif resp.status == 206 and "Range" in headers:
-                span = _content_range(resp.headers.get("Content-Range", ""))
-                if span is None or span[0] > offset:
-                    resp.release()
-                    raise self.bad_answer(failures.BLOB, "bad Content-Range")
-                start, stop = span
-            else:
+            if resp.status != 200 and not (resp.status == 206 and "Range" in headers):
                 try:
                     err = await self.refusal(resp, Code.BLOB_UNKNOWN, failures.BLOB)
                 finally:
                     resp.release()
                 raise err
+            try:
+                stream = blob_stream(self.name, resp, offset, "Range" in headers, self.blob_slots)
+            except OciError as err:
+                self.report(failures.BLOB, _host_of(resp.url), failures.bad_answer(err.message))
+                raise
         except BaseException:
             self.blob_slots.release()
             raise
-        total = _total_size(resp, start)
-        stream_end = stop if stop is not None else (total if total is not None else -1)
-        return BlobStream(self, resp, start, total, self.blob_slots, end=stream_end, ranged=stop is not None)
+        host = _host_of(resp.url)
+        stream.failed = lambda exc: self.unreachable(exc, failures.BLOB, host)
+        return stream
 
     async def blob_exists(self, repository: str, digest: Digest) -> bool:
         return await self._exists(f"/v2/{repository}/blobs/{digest}", repository, {})
@@ -493,6 +531,125 @@ class UpstreamClient:
         finally:
             resp.release()
 
+    async def referrers(
+        self, repository: str, subject: Digest, artifact_type: str | None, limit: int
+    ) -> ReferrersReply | None:
+        """The referrers of ``subject``, following upstream's pages up to ``limit`` descriptors
+        within one manifest timeout; None when upstream has no referrers API (404 or 405,
+        also after a redirect: ghcr.io answers a 303 to a 404).
+
+        A next page is followed only on upstream's own origin and this very path, and only
+        while pages bring descriptors not seen yet: a Link elsewhere, back to a page we read,
+        or paging without end stops there, and the answer says it was cut short."""
+        path = f"/v2/{repository}/referrers/{subject}"
+        own_path = self.url.path.rstrip("/") + path
+        query: dict[str, str] = {} if artifact_type is None else {"artifactType": artifact_type}
+        found: dict[str, Descriptor] = {}
+        filtered = True
+        dropped = 0
+        truncated = False
+        pages: set[str] = set()
+        try:
+            async with asyncio.timeout(self._manifest_timeout.total):
+                for page in range(REFERRERS_PAGES_MAX):
+                    body, link, applied, status = await self._referrers_page(path, repository, query)
+                    if status in _NO_REFERRERS_API:
+                        if page == 0:
+                            return None
+                        raise OciError(
+                            Code.UPSTREAM_ERROR, "upstream referrers page vanished", {"upstream": self.name}
+                        )
+                    try:
+                        descriptors, bad = parse_index(body)
+                    except NotAnIndex as exc:
+                        log.warning("upstream_referrers_not_an_index", upstream=self.name, reason=str(exc))
+                        raise OciError(
+                            Code.UPSTREAM_ERROR,
+                            "upstream referrers answer is not an image index",
+                            {"upstream": self.name},
+                        ) from exc
+                    filtered = filtered and applied
+                    dropped += bad
+                    fresh = [d for d in descriptors if d.digest not in found]
+                    for d in fresh:
+                        if len(found) >= limit:
+                            truncated = True
+                            break
+                        found[d.digest] = d
+                    if truncated or link is None:
+                        break
+                    if len(found) >= limit:
+                        # Full, and upstream has more: not one request past the bound.
+                        truncated = True
+                        break
+                    target = next_target(link)
+                    if target is None:
+                        break
+                    next_url = self.url.join(target)
+                    where = next_url.raw_query_string
+                    if (
+                        not same_origin(next_url, self.url)
+                        or next_url.raw_path != own_path
+                        or len(where) > _LINK_QUERY_MAX
+                        or where in pages
+                        or not fresh
+                    ):
+                        log.warning(
+                            "upstream_referrers_link_refused",
+                            upstream=self.name,
+                            repository=repository,
+                            off_origin=not same_origin(next_url, self.url),
+                            repeated=where in pages or not fresh,
+                        )
+                        truncated = True
+                        break
+                    pages.add(where)
+                    query = dict(next_url.query)
+                else:
+                    truncated = True
+        except TimeoutError as exc:
+            raise self.unreachable(exc, failures.REFERRERS) from exc
+        if dropped:
+            log.warning(
+                "upstream_referrers_dropped", upstream=self.name, repository=repository, dropped=dropped
+            )
+        if truncated:
+            log.warning(
+                "referrers_truncated",
+                upstream=self.name,
+                repository=repository,
+                subject=str(subject),
+                kept=len(found),
+            )
+        return ReferrersReply(
+            tuple(found.values()), truncated, filtered and artifact_type is not None, dropped
+        )
+
+    async def _referrers_page(
+        self, path: str, repository: str, query: Mapping[str, str]
+    ) -> tuple[bytes, str | None, bool, int]:
+        """One page: its body, Link, whether upstream filtered it, and its status."""
+        resp = await self.request(
+            "GET",
+            path,
+            repository=repository,
+            headers={"Accept": OCI_INDEX, "Accept-Encoding": "identity"},
+            query=query,
+            operation=failures.REFERRERS,
+        )
+        try:
+            if resp.status in _NO_REFERRERS_API:
+                return b"", None, False, resp.status
+            if resp.status != 200:
+                raise await self.refusal(resp, Code.MANIFEST_UNKNOWN, failures.REFERRERS)
+            body = await self._read(resp, PAGE_MAX, "referrers answer", failures.REFERRERS)
+            applied = filters_applied(resp.headers.get("OCI-Filters-Applied", ""))
+            return body, resp.headers.get("Link"), applied, resp.status
+        except _TRANSPORT_ERRORS as exc:
+            raise self.unreachable(exc, failures.REFERRERS, _host_of(resp.url)) from exc
+        finally:
+            resp.release()
+
 
 async def read_body(resp: aiohttp.ClientResponse, limit: int, upstream: str, what: str) -> bytes:
     """The whole body, to its end; more than ``limit`` bytes is an upstream error.
@@ -511,6 +668,28 @@ async def read_body(resp: aiohttp.ClientResponse, limit: int, upstream: str, wha
             raise OciError(Code.UPSTREAM_ERROR, f"upstream {what} too large", {"upstream": upstream})
         parts.append(chunk)
     return b"".join(parts)
+
+
+def blob_stream(
+    source: str, resp: aiohttp.ClientResponse, offset: int, asked_range: bool, slots: Slots
+) -> BlobStream:
+    """The stream a blob GET's answer is, from ``offset`` (if ``asked_range``); raises the OCI
+    error its status means (and releases it). The caller releases ``slots`` on an error."""
+    if resp.status == 200:
+        start, stop = 0, None
+    elif resp.status == 206 and asked_range:
+        span = _content_range(resp.headers.get("Content-Range", ""))
+        if span is None or span[0] > offset:
+            resp.release()
+            raise OciError(Code.UPSTREAM_ERROR, "bad Content-Range", {"upstream": source})
+        start, stop = span
+    else:
+        err = status_error(source, resp, Code.BLOB_UNKNOWN)
+        resp.release()
+        raise err
+    total = _total_size(resp, start)
+    stream_end = stop if stop is not None else (total if total is not None else -1)
+    return BlobStream(source, resp, start, total, slots, end=stream_end, ranged=stop is not None)
 
 
 def _is_tags_list(body: bytes) -> bool:
@@ -547,7 +726,7 @@ class BlobStream:
 
     def __init__(
         self,
-        upstream: UpstreamClient,
+        upstream: str,
         resp: aiohttp.ClientResponse,
         start: int,
         total: int | None,
@@ -563,6 +742,8 @@ class BlobStream:
         self.total = total
         self.end = end  # where this answer's bytes stop (exclusive); -1 if upstream did not say
         self.ranged = ranged  # upstream honoured a Range (206)
+        # How a broken body becomes the client's error (an upstream reports it as its failure).
+        self.failed: Callable[[BaseException], OciError] = lambda exc: _unreachable(upstream, exc)
 
     async def chunks(self, max_batch: int) -> AsyncIterator[bytes]:
         """Yield the body in pieces of at most about ``max_batch``, joining what is already
@@ -583,7 +764,7 @@ class BlobStream:
                     size += len(more)
                 yield parts[0] if len(parts) == 1 else b"".join(parts)
         except _TRANSPORT_ERRORS as exc:
-            raise self._upstream.unreachable(exc, failures.BLOB, _host_of(self._resp.url)) from exc
+            raise self.failed(exc) from exc
 
     def close(self) -> None:
         # A body read to its end leaves a connection the next ranged GET can reuse; one cut

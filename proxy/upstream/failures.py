@@ -30,7 +30,8 @@ MANIFEST: Final = "manifest"
 BLOB: Final = "blob"
 TAGS: Final = "tags"
 HEAD: Final = "head"
-OPERATIONS: Final = (TOKEN, MANIFEST, BLOB, TAGS, HEAD)
+REFERRERS: Final = "referrers"
+OPERATIONS: Final = (TOKEN, MANIFEST, BLOB, TAGS, HEAD, REFERRERS)
 
 _CODE: Final = re.compile(r"[A-Z][A-Z0-9_]{0,39}")
 # Statuses that are upstream's answer about the content, not a failure of upstream.

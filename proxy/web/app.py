@@ -21,7 +21,7 @@ from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError, code_for_status, error_response
 from proxy.flows.engine import Engine, running
 from proxy.flows.fills import Fill, State
-from proxy.web import admin, gate, guard, handlers, health, keys, login, setup, status
+from proxy.web import admin, gate, guard, handlers, health, keys, login, peering, setup, status
 from proxy.web.jobs import Jobs, Prefetcher
 from proxy.web.lifecycle import Lifecycle
 from proxy.web.metrics import CONTENT_TYPE, Metrics, UpstreamMetrics, counter, gauge
@@ -58,7 +58,12 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
         # the body aiohttp is about to send, none for HEAD.
         body = resp.body if isinstance(resp, web.Response) and request.method != "HEAD" else None
         sent = len(body) if isinstance(body, bytes | bytearray) else 0
-    request.app[keys.METRICS].count(request.get(keys.KIND, "other"), cache, status, upstream, sent)
+    kind = request.get(keys.KIND, "other")
+    request.app[keys.METRICS].count(kind, cache, status, upstream, sent)
+    if keys.PEER in request and kind == "blobs" and status in (200, 206) and not request.get(keys.ABORTED):
+        cluster = request.app[keys.CLUSTER]
+        cluster.note("peer_served_blobs")
+        cluster.note("peer_served_bytes", sent)
     log.info(
         "request",
         method=request.method,
@@ -146,7 +151,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             outcome = fill.error.code.value if fill.error else "failed"
         metrics.fills.labels(outcome).inc()
 
-    async with running(app[keys.SETTINGS], on_fill_finish=on_finish) as engine:
+    async with running(app[keys.SETTINGS], on_fill_finish=on_finish, serving=True) as engine:
         app[keys.ENGINE] = engine
         app[keys.STORAGE] = engine.storage
         app[keys.CACHE] = engine.cache
@@ -154,7 +159,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         app[keys.FILLS] = engine.fills
         app[keys.CATALOGUE] = engine.catalogue
         app[keys.MANIFESTS] = engine.manifests
+        app[keys.REFERRERS] = engine.referrers
         app[keys.UPSTREAMS] = engine.upstreams
+        if engine.cluster is not None:
+            app[keys.CLUSTER] = cluster = engine.cluster
+            events = metrics.cluster_events
+            cluster.observers.append(lambda event, amount: events.labels(event).inc(amount))
+            metrics.cluster_redis_up.set(1 if cluster.up else 0)
+            cluster.state.observers.append(lambda up: metrics.cluster_redis_up.set(1 if up else 0))
         observer = UpstreamMetrics(metrics)
         for client in engine.upstreams.values():
             client.observer = observer
@@ -194,6 +206,9 @@ def create_app(settings: Settings, *, prefetch: Prefetcher | None = None) -> web
         # The admin API checks its own token (not a client login).
         *admin.HANDLERS,
     )
+    if settings.cluster.enabled:
+        # Before client auth: a peer's request proves itself with the cluster token instead.
+        middlewares.append(peering.middleware())
     if settings.auth.enabled:
         # Inside the error middleware, so refusals get the envelope and a log line.
         middlewares.append(gate.middleware(public=public))

@@ -9,6 +9,7 @@ from aiohttp import web
 from cachetools import LRUCache
 
 from proxy.airgap.prefetch import PrefetchReport
+from proxy.cluster.cluster import Cluster
 from proxy.core.config import Settings
 from proxy.core.reference import PathRequest
 from proxy.core.routing import Route
@@ -16,6 +17,7 @@ from proxy.flows.access import Access
 from proxy.flows.engine import Engine
 from proxy.flows.fills import Fills
 from proxy.flows.manifests import ManifestStore
+from proxy.flows.referrers import Referrers
 from proxy.store.cache import BlobCache
 from proxy.store.catalogue import Catalogue
 from proxy.store.storage import Storage
@@ -37,6 +39,7 @@ CACHE: Final = web.AppKey("cache", BlobCache)
 CATALOGUE: Final = web.AppKey("catalogue", Catalogue)
 FILLS: Final = web.AppKey("fills", Fills)
 MANIFESTS: Final = web.AppKey("manifests", ManifestStore)
+REFERRERS: Final = web.AppKey("referrers", Referrers)
 ACCESS: Final = web.AppKey("access", Access)
 UPSTREAMS: Final = web.AppKey("upstreams", dict[str, UpstreamClient])
 LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
@@ -50,6 +53,8 @@ PINS_FETCH: Final = web.AppKey("pins_fetch", asyncio.Task[PrefetchReport | None]
 # (raw path, ns) -> what it asks for and of which upstream: a pure function of the key, for
 # one app (its upstreams are fixed), remembered because pulls repeat the same few paths.
 RESOLVED: Final = web.AppKey("resolved", LRUCache[tuple[str, str | None], tuple[PathRequest, Route]])
+# Only with cluster.redis.
+CLUSTER: Final = web.AppKey("cluster", Cluster)
 # Only when auth: is configured.
 GUARD: Final[web.AppKey[Guard]] = web.AppKey("guard")
 
@@ -60,5 +65,7 @@ CACHE_RESULT: Final = web.RequestKey("cache", str)
 UPSTREAM: Final = web.RequestKey("upstream", str)
 SENT: Final = web.RequestKey("sent", int)
 ABORTED: Final = web.RequestKey("aborted", bool)
+# A request from a peer replica (carried the cluster token): the URL it says it is.
+PEER: Final = web.RequestKey("peer", str)
 # The verified user name (None: anonymous); never a credential.
 USER: Final[web.RequestKey[str | None]] = web.RequestKey("user")

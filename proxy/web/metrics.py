@@ -18,6 +18,7 @@ from typing import Final
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     PlatformCollector,
     ProcessCollector,
@@ -126,6 +127,18 @@ class Metrics:
             "ocicache_auth_failures",
             "Client logins refused: invalid credentials, or an address out of attempts",
             ["reason"],
+            registry=r,
+        )
+        self.cluster_events = Counter(
+            "ocicache_cluster",
+            "Replica events: leases taken, lost and taken over; blobs and bytes served to and "
+            "fetched from peers; peers that sent bad bytes; peer requests refused",
+            ["event"],
+            registry=r,
+        )
+        self.cluster_redis_up = Gauge(
+            "ocicache_cluster_redis_up",
+            "1 while Redis answers (replicas share state), 0 while this replica runs on alone",
             registry=r,
         )
         self.live = Live()

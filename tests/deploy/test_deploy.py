@@ -62,14 +62,25 @@ def configmap(name: str) -> dict[str, Any]:
     return found
 
 
+# What the manifests put in the environment from Secrets, for the loader (never a real one).
+SECRET_ENV = {"OCICACHE_CLUSTER_TOKEN": "x" * 32}
+
+
+@pytest.fixture(autouse=True)
+def _secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Some parsers read the process environment itself (cluster.token_env, auth.tokens_env).
+    for name, value in SECRET_ENV.items():
+        monkeypatch.setenv(name, value)
+
+
 def embedded_settings(name: str, tmp_path: Path) -> Settings:
     path = tmp_path / f"{name}.yaml"
     path.write_text(configmap(name)["data"]["config.yaml"])
-    return load(path, {}, {})
+    return load(path, {}, SECRET_ENV)
 
 
 def workloads() -> list[dict[str, Any]]:
-    return of_kind("DaemonSet") + of_kind("Deployment")
+    return of_kind("DaemonSet") + of_kind("Deployment") + of_kind("StatefulSet")
 
 
 def ocicache_containers() -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -96,10 +107,7 @@ def test_every_manifest_is_valid(item: tuple[Path, dict[str, Any]], version: str
 
 def test_every_embedded_config_loads(tmp_path: Path) -> None:
     names = [d["metadata"]["name"] for d in of_kind("ConfigMap") if "config.yaml" in d.get("data", {})]
-    assert names == ["ocicache-cluster", "ocicache-node"] or sorted(names) == [
-        "ocicache-cluster",
-        "ocicache-node",
-    ]
+    assert {"ocicache-cluster", "ocicache-node"} <= set(names)
     for name in names:
         settings = embedded_settings(name, tmp_path)
         assert settings.cache_dir == Path("/cache")
@@ -111,10 +119,11 @@ def test_every_embedded_config_loads(tmp_path: Path) -> None:
 
 def test_ports_probes_and_mounts_match_the_server(tmp_path: Path) -> None:
     found = ocicache_containers()
-    assert len(found) == 2
+    assert {w["kind"] for w, _ in found} >= {"DaemonSet", "Deployment"}
     for workload, container in found:
         spec = workload["spec"]["template"]["spec"]
         volumes = {v["name"]: v for v in spec["volumes"]}
+        claims = {t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates", [])}
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         # The config the container is told to read is the ConfigMap, mounted there.
         config_path = Path(container["args"][container["args"].index("--config") + 1])
@@ -126,8 +135,11 @@ def test_ports_probes_and_mounts_match_the_server(tmp_path: Path) -> None:
         if workload["kind"] == "DaemonSet":
             assert port["hostPort"] == settings.listen_port
             assert "hostPath" in volumes["cache"]
+        elif workload["kind"] == "StatefulSet":
+            assert "cache" in claims  # one disk per replica
         else:
             assert "persistentVolumeClaim" in volumes["cache"]
+            # A cache directory has one writer: one replica, never two at once.
             assert workload["spec"]["replicas"] == 1 and workload["spec"]["strategy"]["type"] == "Recreate"
         routes = {r.canonical for r in create_app(settings).router.resources()}
         for probe, path in PROBES.items():
@@ -138,10 +150,18 @@ def test_ports_probes_and_mounts_match_the_server(tmp_path: Path) -> None:
         security = container["securityContext"]
         assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
         assert spec["securityContext"]["runAsNonRoot"] is True
-    [service] = of_kind("Service")
-    [deployment] = of_kind("Deployment")
-    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
-    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    # Every Service selects a workload, and targets ports its containers have.
+    for service in of_kind("Service"):
+        selector = service["spec"]["selector"].items()
+        [target] = [w for w in workloads() if selector <= w["spec"]["template"]["metadata"]["labels"].items()]
+        ports = {
+            key
+            for c in target["spec"]["template"]["spec"]["containers"]
+            for p in c.get("ports", [])
+            for key in (p.get("name"), p["containerPort"])
+        }
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in ports, service["metadata"]["name"]
 
 
 def test_the_containerd_hosts_writer_asks_the_node_cache_for_configured_registries(tmp_path: Path) -> None:

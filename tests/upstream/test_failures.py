@@ -234,4 +234,4 @@ def test_only_a_real_oci_code_is_taken_from_the_body(body: bytes, code: str | No
 
 
 def test_the_operations_are_a_fixed_set() -> None:
-    assert failures.OPERATIONS == ("token", "manifest", "blob", "tags", "head")
+    assert failures.OPERATIONS == ("token", "manifest", "blob", "tags", "head", "referrers")
