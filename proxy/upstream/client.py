@@ -14,7 +14,6 @@ It owns tokens, redirects and timeouts, and translates every third-party excepti
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import structlog
 from cachetools import LRUCache
 from yarl import URL
 
+from proxy.core import jsontext
 from proxy.core.config import Settings, UpstreamConfig
 from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError
@@ -36,6 +36,7 @@ from proxy.core.upstreamauth import (
     basic_header,
     parse_challenge,
     parse_token_response,
+    peer_url,
     pull_scope,
     realm_allowed,
     redirect_allowed,
@@ -170,7 +171,9 @@ class UpstreamClient:
             return
         if challenge.scheme != "bearer" or not challenge.realm:
             raise OciError(Code.UPSTREAM_ERROR, "unsupported upstream challenge", {"upstream": self.name})
-        realm = URL(challenge.realm)
+        realm = peer_url(challenge.realm)
+        if realm is None:
+            raise OciError(Code.UPSTREAM_ERROR, "upstream token realm is not a URL", {"upstream": self.name})
         if not realm_allowed(realm, self.url, self.cfg.realm_hosts):
             log.warning("token_realm_refused", upstream=self.name, realm_host=realm.host)
             raise OciError(
@@ -192,7 +195,7 @@ class UpstreamClient:
                 ) as resp:
                     if resp.status != 200:
                         raise status_error(self.name, resp, Code.NAME_UNKNOWN)
-                    body = json.loads(await read_body(resp, TOKEN_MAX, self.name, "token answer"))
+                    body = jsontext.loads(await read_body(resp, TOKEN_MAX, self.name, "token answer"))
             except _TRANSPORT_ERRORS as exc:
                 raise _unreachable(self.name, exc) from exc
             except ValueError as exc:
@@ -229,7 +232,13 @@ class UpstreamClient:
             if resp.status not in _REDIRECTS or location is None:
                 return resp
             resp.release()
-            target = url.join(URL(location, encoded=True))
+            target = peer_url(location, url, encoded=True)
+            if target is None:
+                raise OciError(
+                    Code.UPSTREAM_ERROR,
+                    "upstream redirected to an address that is not a URL",
+                    {"upstream": self.name},
+                )
             if not redirect_allowed(target, self.url):
                 log.warning("redirect_refused", upstream=self.name, target_host=target.host)
                 raise OciError(
@@ -426,7 +435,7 @@ async def read_body(resp: aiohttp.ClientResponse, limit: int, upstream: str, wha
 def _is_tags_list(body: bytes) -> bool:
     """``{"name": ..., "tags": [...]}`` (distribution sends ``null`` for no tags)."""
     try:
-        doc = json.loads(body)
+        doc = jsontext.loads(body)
     except (ValueError, UnicodeDecodeError):
         return False
     return isinstance(doc, dict) and (doc.get("tags") is None or isinstance(doc["tags"], list))
