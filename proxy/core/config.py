@@ -14,12 +14,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
 from yarl import URL
 
 from proxy.core.authconfig import AuthConfig, TlsConfig, check_rule_upstreams, parse_auth, parse_tls
 from proxy.core.configvalues import (
     ConfigError,
+    load_yaml,
     parse_bool,
     parse_choice,
     parse_fraction,
@@ -205,7 +205,11 @@ def parse_upstream(key: str, name: str, spec: Any) -> UpstreamConfig:
         return None if value is None else parse_text(f"{where}.{field_name}", value)
 
     raw_url = text("url") or ""
-    url = URL(raw_url)
+    try:
+        url = URL(raw_url)
+        url.host, url.port  # noqa: B018  (yarl reads the netloc lazily; make it here)
+    except ValueError:
+        raise ConfigError(f"{where}.url", f"not a URL: {raw_url!r}") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise ConfigError(f"{where}.url", f"expected an http(s) URL, got {spec.get('url')!r}")
     if url.user is not None or url.password is not None:
@@ -299,11 +303,12 @@ _FIELD_OF: Final = {"max_cache_size": "max_cache_bytes"}
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except OSError as exc:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError("config", f"{path} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("config", f"{path} is not UTF-8 text") from None
+    data = load_yaml("config", text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
