@@ -123,6 +123,14 @@ class Settings:
     # A Range request during a download is answered as the bytes arrive, before the digest is
     # checked (what lazy pullers need), unless this makes it wait for the verified whole.
     verified_ranges_only: bool = False
+    # Client connections. A request's head (and a body the proxy reads) must arrive within
+    # header_timeout of its first byte; a connection with no request under way is closed after
+    # idle_timeout; one address (an IPv6 /64) may hold max_connections_per_address (0: no
+    # limit); a connection is closed after max_requests_per_connection answers.
+    header_timeout: float = 15.0
+    idle_timeout: float = 60.0
+    max_connections_per_address: int = 256
+    max_requests_per_connection: int = 1000
     log_level: str = "info"
     log_format: str = "json"
     # A Docker config.json whose "auths" supply credentials to upstreams that have none.
@@ -151,6 +159,15 @@ class Settings:
 
 
 # --- parsing of single values; each raises ConfigError naming the key -------------------------
+
+
+def parse_positive_seconds(key: str, value: Any) -> float:
+    seconds = parse_seconds(key, value)
+    if seconds <= 0:
+        # 0 would close every connection at once, not turn the limit off.
+        raise ConfigError(key, f"must be more than 0 seconds, got {value!r}")
+    return seconds
+
 
 _UPSTREAM_NAME: Final = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]{1,5})?|_default")
 
@@ -292,6 +309,10 @@ PARSERS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "parallel_fill_threshold": parse_size,
     "lazy_range_gap": parse_size,
     "verified_ranges_only": parse_bool,
+    "header_timeout": parse_positive_seconds,
+    "idle_timeout": parse_positive_seconds,
+    "max_connections_per_address": lambda k, v: parse_int(k, v, maximum=1_000_000),
+    "max_requests_per_connection": lambda k, v: parse_int(k, v, minimum=1, maximum=10_000_000),
     "log_level": parse_choice(("debug", "info", "warning", "error")),
     "log_format": parse_choice(("json", "console")),
     "docker_config": parse_path,

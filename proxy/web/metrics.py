@@ -44,6 +44,13 @@ class Metrics:
             registry=r,
         )
 
+        self.connections = Gauge("ocicache_connections", "Client connections open", registry=r)
+        self.connections_refused = Counter(
+            "ocicache_connections_refused",
+            "Client connections closed by a limit: address_limit, header_timeout",
+            ["reason"],
+            registry=r,
+        )
         self.auth_failures = Counter(
             "ocicache_auth_failures",
             "Client logins refused: invalid credentials, or an address out of attempts",
