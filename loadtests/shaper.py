@@ -6,6 +6,9 @@ benchmark puts this relay between the proxies and the upstream registry:
 
 * every connection through the relay shares one token bucket per direction, as every download
   from the site shares its one uplink: at ``rate`` bytes/s total, not per connection;
+* or, with ``per_connection``, each connection has buckets of its own: ``rate`` bytes/s per TCP
+  stream, however many there are, as CDNs and long links cap each stream (a cache that fetches
+  one blob over several connections then gets several times the rate);
 * a relay reads from a socket only the bytes the bucket has granted (the count the kernel says
   is waiting, capped by the grant), so nothing queues in the relay: the excess waits in the
   sender's socket buffers and TCP flow control slows the sender, as on a real link;
@@ -119,14 +122,15 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
 class Relay:
     """Listens on 127.0.0.1 and relays every connection to ``target`` through the two buckets."""
 
-    def __init__(self, target: tuple[str, int], rate: float) -> None:
+    def __init__(self, target: tuple[str, int], rate: float, *, per_connection: bool = False) -> None:
         if target[0] != LOOPBACK:
             raise ValueError("the relay only forwards to 127.0.0.1")
         self.target = target
         self.rate = rate
+        self.per_connection = per_connection
         self.chunk = chunk_for(rate)
         self.counters = Counters()
-        self._buckets: dict[Direction, TokenBucket] = {}
+        self._shared: dict[Direction, TokenBucket] | None = None
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -138,11 +142,22 @@ class Relay:
         port: int = self._listener.getsockname()[1]
         return port
 
+    def buckets_for_connection(self) -> dict[Direction, TokenBucket]:
+        """A new connection's two buckets (one per direction, as a link is full duplex): the
+        link's own, shared by every connection, or with ``per_connection`` fresh ones."""
+        burst = BURST_GRANTS * self.chunk
+        if self.per_connection or self._shared is None:
+            buckets: dict[Direction, TokenBucket] = {
+                "down": TokenBucket(self.rate, burst),
+                "up": TokenBucket(self.rate, burst),
+            }
+            if self.per_connection:
+                return buckets
+            self._shared = buckets
+        return self._shared
+
     async def start(self) -> int:
         """Listen on an ephemeral port; returns it."""
-        # One bucket per direction, as a link is full duplex; each shared by every connection.
-        burst = BURST_GRANTS * self.chunk
-        self._buckets = {"down": TokenBucket(self.rate, burst), "up": TokenBucket(self.rate, burst)}
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((LOOPBACK, 0))
@@ -196,16 +211,21 @@ class Relay:
             for sock in (client, server):
                 # The relay already sends in whole grants; Nagle would only add delay to heads.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await asyncio.gather(self._pump(client, server, "up"), self._pump(server, client, "down"))
+            buckets = self.buckets_for_connection()
+            await asyncio.gather(
+                self._pump(client, server, buckets["up"], "up"),
+                self._pump(server, client, buckets["down"], "down"),
+            )
         finally:
             for sock in (client, server):
                 self._socks.discard(sock)
                 sock.close()
 
-    async def _pump(self, src: socket.socket, dst: socket.socket, direction: Direction) -> None:
-        """Relay ``src`` to ``dst`` until ``src`` ends, reading only what the bucket grants."""
+    async def _pump(
+        self, src: socket.socket, dst: socket.socket, bucket: TokenBucket, direction: Direction
+    ) -> None:
+        """Relay ``src`` to ``dst`` until ``src`` ends, reading only what ``bucket`` grants."""
         loop = asyncio.get_running_loop()
-        bucket = self._buckets[direction]
         buf = bytearray(self.chunk)
         view = memoryview(buf)
         try:
@@ -257,9 +277,10 @@ class ShaperProcess:
     it prints ``listening PORT``; ``count`` is answered with ``count {counters as JSON}``; EOF on
     its stdin makes it close and exit, so it never outlives the benchmark that started it."""
 
-    def __init__(self, target: tuple[str, int], rate: float) -> None:
+    def __init__(self, target: tuple[str, int], rate: float, *, per_connection: bool = False) -> None:
         self.target = target
         self.rate = rate
+        self.per_connection = per_connection
         self._proc: asyncio.subprocess.Process | None = None
         self.pid: int | None = None
         self.port: int | None = None
@@ -275,9 +296,10 @@ class ShaperProcess:
             return (await self._proc.stdout.readline()).decode().strip()
 
     async def start(self) -> None:
-        self._proc = await spawn_module(
-            "loadtests.shaper", "--target", f"{self.target[0]}:{self.target[1]}", "--rate", repr(self.rate)
-        )
+        args = ["--target", f"{self.target[0]}:{self.target[1]}", "--rate", repr(self.rate)]
+        if self.per_connection:
+            args.append("--per-connection")
+        self._proc = await spawn_module("loadtests.shaper", *args)
         self.pid = self._proc.pid
         head, _, port = (await self._line()).partition(" ")
         if head != "listening" or not port.isdigit():
@@ -317,7 +339,7 @@ class ShaperProcess:
         await self.close()
 
 
-async def _serve_commands(target: tuple[str, int], rate: float) -> None:
+async def _serve_commands(target: tuple[str, int], rate: float, per_connection: bool) -> None:
     loop = asyncio.get_running_loop()
     commands = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(commands), sys.stdin)
@@ -326,7 +348,7 @@ async def _serve_commands(target: tuple[str, int], rate: float) -> None:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
 
-    async with Relay(target, rate) as relay:
+    async with Relay(target, rate, per_connection=per_connection) as relay:
         answer(f"listening {relay.port}")
         while line := await commands.readline():
             if line.strip() == b"count":
@@ -346,11 +368,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtests.shaper", description=__doc__.split("\n")[0])
     p.add_argument("--target", type=_target, required=True, help="127.0.0.1:PORT to relay to")
     p.add_argument("--rate", type=float, required=True, help="bytes per second, each direction")
+    p.add_argument(
+        "--per-connection", action="store_true", help="the rate holds for each connection (default: for all)"
+    )
     ns = p.parse_args(argv)
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve_commands(ns.target, ns.rate))
+        runner.run(_serve_commands(ns.target, ns.rate, ns.per_connection))
     return 0
 
 

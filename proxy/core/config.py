@@ -33,6 +33,7 @@ from proxy.core.configvalues import (
     parse_ttl,
 )
 from proxy.core.imageref import BadReference, parse_image_reference
+from proxy.core.referrers import is_fallback_tag
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +110,12 @@ class Settings:
     blob_retries: int = 3
     # Upper bound for tags/list ?n=, so one request cannot ask upstream for everything.
     tags_page_max: int = 1000
+    # How long a subject's referrers answer (and its fallback tag) is trusted (None: forever).
+    referrers_ttl: float | None = 60.0
+    # Descriptors per subject: upstream's pages are followed up to this many, and no more kept.
+    referrers_max: int = 1024
+    # How long we remember whether an upstream has the referrers API.
+    referrers_api_ttl: float = 3600.0
     # When every client of a download has left: finish it to warm the cache (False) or stop.
     cancel_abandoned_fills: bool = False
     # Blob downloads open at once per upstream; more wait their turn (never time out waiting).
@@ -117,6 +124,8 @@ class Settings:
     # (1: one stream). Each counts against upstream_blob_connections.
     fill_connections: int = 4
     parallel_fill_threshold: int = 32 * 1024 * 1024
+    # What one of those GETs asks for; the connections take chunks in order.
+    fill_chunk: int = 8 * 1024 * 1024
     # A range request for bytes this far beyond what a download has reached gets them from a
     # ranged upstream request of its own (lazy pullers), instead of waiting.
     lazy_range_gap: int = 8 * 1024 * 1024
@@ -153,6 +162,9 @@ class Settings:
         for rule in self.tag_rules:
             if rule.pattern.fullmatch(tag):
                 return rule.ttl
+        if is_fallback_tag(tag):
+            # The referrers tag schema's index changes as a subject's referrers do.
+            return self.referrers_ttl
         if upstream.tag_ttl_forever:
             return None
         return upstream.tag_ttl if upstream.tag_ttl is not None else self.tag_ttl
@@ -303,10 +315,14 @@ PARSERS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "blob_read_timeout": parse_seconds,
     "blob_retries": lambda k, v: parse_int(k, v, maximum=100),
     "tags_page_max": lambda k, v: parse_int(k, v, minimum=1, maximum=100_000),
+    "referrers_ttl": parse_ttl,
+    "referrers_max": lambda k, v: parse_int(k, v, minimum=1, maximum=100_000),
+    "referrers_api_ttl": parse_seconds,
     "cancel_abandoned_fills": parse_bool,
     "upstream_blob_connections": lambda k, v: parse_int(k, v, minimum=1),
     "fill_connections": lambda k, v: parse_int(k, v, minimum=1, maximum=32),
     "parallel_fill_threshold": parse_size,
+    "fill_chunk": parse_size,
     "lazy_range_gap": parse_size,
     "verified_ranges_only": parse_bool,
     "header_timeout": parse_positive_seconds,
@@ -368,7 +384,7 @@ def build(*layers: Mapping[str, Any]) -> Settings:
             parse_image_reference(pin, names, names[0])
         except BadReference as exc:
             raise ConfigError(f"pins[{i}]", str(exc)) from None
-    check_rule_upstreams(settings.auth, settings.upstreams)
+    check_rule_upstreams(settings.auth, [u.name for u in settings.upstreams])
     return settings
 
 

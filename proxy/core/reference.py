@@ -69,6 +69,12 @@ class Kind(Enum):
     MANIFEST = "manifests"
     BLOB = "blobs"
     TAGS = "tags"
+    # OCI 1.1: the manifests whose ``subject`` is a digest (always addressed by digest).
+    REFERRERS = "referrers"
+
+
+# Kinds addressed by ``/v2/<name>/<kind>/<reference>``.
+_REFERENCED: Final = (Kind.MANIFEST, Kind.BLOB, Kind.REFERRERS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +84,8 @@ class PathRequest:
 
     kind: Kind
     name: str
-    # A Digest for blobs and digest-addressed manifests, a tag string for tagged ones, None for tags/list.
+    # A Digest for blobs, referrers and digest-addressed manifests, a tag string for tagged
+    # ones, None for tags/list.
     reference: Digest | str | None
 
 
@@ -95,16 +102,15 @@ def parse_path(raw_path: str) -> PathRequest:
     tail = raw_path[len("/v2/") :]
     if tail.endswith("/tags/list"):
         return PathRequest(Kind.TAGS, _name_part(tail[: -len("/tags/list")]), None)
-    for kind in (Kind.MANIFEST, Kind.BLOB):
-        marker = f"/{kind.value}/"
-        idx = tail.rfind(marker)
-        if idx > 0:
-            name = _name_part(tail[:idx])
-            ref = tail[idx + len(marker) :]
-            # A tag cannot hold ":", so anything with one was meant as a digest.
-            if kind is Kind.BLOB or ":" in ref:
-                return PathRequest(kind, name, Digest.parse(ref))
-            return PathRequest(kind, name, validate_tag(ref))
+    # The marker nearest the end decides: a repository may be named like an endpoint word.
+    idx, kind = max(((tail.rfind(f"/{k.value}/"), k) for k in _REFERENCED), key=lambda found: found[0])
+    if idx > 0:
+        name = _name_part(tail[:idx])
+        ref = tail[idx + len(kind.value) + 2 :]
+        # A tag cannot hold ":", so anything with one was meant as a digest.
+        if kind is not Kind.MANIFEST or ":" in ref:
+            return PathRequest(kind, name, Digest.parse(ref))
+        return PathRequest(kind, name, validate_tag(ref))
     if any(seg in (".", "..") for seg in tail.split("/")):
         raise OciError(Code.NAME_INVALID, "dot segments are not accepted")
     raise OciError(Code.NAME_UNKNOWN, "unknown registry API endpoint")

@@ -2,8 +2,8 @@
 
 A cold blob above a threshold is fetched as several ranged GETs at once, each writing its part
 of the one temp file at its offset (CDNs and long links cap each TCP stream; several streams
-multiply what one link carries). The first request asks for the first part only; its answer
-names the blob's size, and the rest is split among the other connections
+multiply what one link carries). The first request asks for the first chunk only; its answer
+names the blob's size, and the rest is cut into chunks that the connections take in order
 (:func:`plan_parts`). A registry that ignores ``Range`` answers the whole blob to that first
 request, and the download is one stream, as before.
 
@@ -36,20 +36,20 @@ class Part:
         return self.reached >= self.end
 
 
-def plan_parts(size: int, first_end: int, connections: int, min_part: int = MIN_PART) -> list[Part]:
+def plan_parts(size: int, first_end: int, chunk: int) -> list[Part]:
     """Parts for a blob of ``size`` whose first ``first_end`` bytes are already asked for:
-    that part, then the rest split evenly over the other connections (none below
-    ``min_part``)."""
-    first = Part(0, min(first_end, size))
-    rest = size - first.end
-    if rest <= 0 or connections <= 1:
-        return [Part(0, size)] if rest > 0 else [first]
-    count = max(1, min(connections - 1, rest // max(1, min_part)))
-    step, extra = divmod(rest, count)
-    parts = [first]
-    start = first.end
-    for i in range(count):
-        end = start + step + (1 if i < extra else 0)
+    that part, then chunks of ``chunk`` bytes in order. The connections take the next chunk as
+    they finish one, so they all work near the contiguous prefix, which then grows at what they
+    carry together: whole-body readers, who can only be sent the prefix, gain as much as the
+    download does (behind a shared link, contiguous quarters would have made the prefix grow at
+    a quarter of the link's rate)."""
+    parts = [Part(0, min(first_end, size))]
+    start = parts[0].end
+    step = max(MIN_PART, chunk)
+    while start < size:
+        end = min(size, start + step)
+        if size - end < MIN_PART // 2:
+            end = size  # no crumb of a last chunk
         parts.append(Part(start, end))
         start = end
     return parts

@@ -1,10 +1,12 @@
 """Getting one fill's bytes from upstream into its temp file.
 
-The first GET asks for the first ``threshold`` bytes (``Range: bytes=0-...``). Its answer tells
-the blob's size; a larger blob is then fetched as several ranged GETs at once, one per part
-(:func:`proxy.flows.coverage.plan_parts`), each written at its offset, and hashed in order as
-the contiguous prefix grows, reading back what the parts wrote. A registry that ignores
-``Range`` answers the whole blob to that first GET: one stream, hashed as it arrives. Either
+The first GET asks for the first chunk (``Range: bytes=0-...``). Its answer tells the blob's
+size; a blob over the threshold is then fetched by several connections at once, each taking the
+next chunk in order as it finishes one (:func:`proxy.flows.coverage.plan_parts`), each chunk
+written at its offset, and hashed in order as the contiguous prefix grows, reading back what
+the connections wrote. A smaller blob is one stream (resumed from the first chunk's end). A
+registry that ignores ``Range`` answers the whole blob to that first GET: one stream, hashed as
+it arrives. Either
 way upstream sends each byte once (1.00x the blob), unless a broken connection makes a part
 resume, which re-asks only for what that part still lacks.
 
@@ -22,13 +24,15 @@ import errno
 import hashlib
 import os
 import shutil
+import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
 import structlog
 
 from proxy.core.errors import Code, OciError
-from proxy.flows.coverage import MIN_PART, Coverage, Part, plan_parts
+from proxy.flows.coverage import Coverage, Part, plan_parts
 from proxy.flows.fill import Fill, State
 from proxy.flows.window import Window
 from proxy.store.cache import BlobCache
@@ -41,6 +45,8 @@ WRITE_BATCH: Final = 4 * 1024 * 1024
 # Room freed beyond the rest of a blob when the disk is full, for the catalogue and neighbours.
 EVICT_MARGIN: Final = 256 * 1024
 DISK_FULL: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
+# Several connections must carry this much more than one alone, or one is all they get.
+SHARED_GAIN: Final = 1.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +54,26 @@ class Plan:
     retries: int
     connections: int = 4  # parallel ranged GETs for a large blob; 1 turns them off
     threshold: int = 32 * 1024 * 1024  # blobs larger than this are fetched in parts
+    chunk: int = 8 * 1024 * 1024  # what one ranged GET asks for
     stall: float = 60.0  # how long a full memory window waits for its slowest reader
+
+
+class _Rate:
+    """Bytes per second since the first byte counted."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.started: float | None = None
+
+    def add(self, count: int) -> None:
+        if self.started is None:
+            self.started = time.monotonic()
+        self.bytes += count
+
+    def per_second(self) -> float:
+        if self.started is None:
+            return 0.0
+        return self.bytes / max(time.monotonic() - self.started, 1e-6)
 
 
 class DiskFull(Exception):
@@ -70,16 +95,19 @@ class Download:
     async def run(self) -> str:
         """Fetch every byte; returns the hex digest of what arrived (the caller compares)."""
         fill = self.fill
-        ranged_end = self.plan.threshold if self.plan.connections > 1 else None
+        ranged_end = self.plan.chunk if self.plan.connections > 1 else None
         first = await self._open(0, ranged_end, failures=[0])
         total = first.total
         parallel = False
         if total is not None:
             fill.size = total
-            if first.ranged and total > first.end and await self._room_for(total):
-                min_part = max(MIN_PART, self.plan.threshold // self.plan.connections)
-                parts = plan_parts(total, first.end, self.plan.connections, min_part)
-                fill.coverage = Coverage(total, parts)
+            if (
+                first.ranged
+                and total > self.plan.threshold
+                and total > first.end
+                and await self._room_for(total)
+            ):
+                fill.coverage = Coverage(total, plan_parts(total, first.end, self.plan.chunk))
                 parallel = len(fill.coverage.parts) > 1
             else:
                 fill.coverage = Coverage.single(total)
@@ -122,7 +150,9 @@ class Download:
 
     # --- one part ----------------------------------------------------------------------------
 
-    async def _part(self, part: Part, stream: BlobStream | None, *, inline_hash: bool) -> None:
+    async def _part(
+        self, part: Part, stream: BlobStream | None, *, inline_hash: bool, rate: _Rate | None = None
+    ) -> None:
         """Fill ``part``, resuming a broken connection from where the part stands."""
         fill = self.fill
         failures = [0]
@@ -147,6 +177,8 @@ class Download:
                     else:
                         await self._write(part.reached, chunk)
                     part.done += len(chunk)
+                    if rate is not None:
+                        rate.add(len(chunk))
                     fill.announce()
                     if part.complete:
                         break
@@ -189,12 +221,48 @@ class Download:
     # --- parallel parts ----------------------------------------------------------------------
 
     async def _parallel(self, coverage: Coverage, first: BlobStream) -> None:
-        log.info("fill_parallel", digest=str(self.fill.digest), parts=len(coverage.parts), size=coverage.size)
+        """The first chunk alone, timed; then the other connections join, each taking the next
+        chunk in order. When the first round of them shows that together they carry no more
+        than one did alone (a link they share, not a cap per stream), all but one stop, so
+        that the prefix, which whole-body readers are waiting on, grows at the link's full
+        rate again instead of a share of it."""
+        fill = self.fill
+        todo = deque(coverage.parts[1:])
+        alone = _Rate()
+        await self._part(coverage.parts[0], first, inline_hash=False, rate=alone)
+        together = _Rate()
+        decided = asyncio.Event()
+        shared = False
+
+        async def connection(part: Part | None) -> None:
+            nonlocal shared
+            while part is not None:
+                await self._part(part, None, inline_hash=False, rate=together)
+                if not decided.is_set():
+                    decided.set()
+                    shared = together.per_second() < SHARED_GAIN * alone.per_second()
+                    log.info(
+                        "fill_parallel",
+                        digest=str(fill.digest),
+                        parts=len(coverage.parts),
+                        alone=round(alone.per_second()),
+                        together=round(together.per_second()),
+                        connections=1 if shared else self.plan.connections,
+                        size=coverage.size,
+                    )
+                if shared and connections_running[0] > 1:
+                    connections_running[0] -= 1
+                    return
+                part = todo.popleft() if todo else None
+            connections_running[0] -= 1
+
+        connections_running = [0]
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._part(coverage.parts[0], first, inline_hash=False))
-                for part in coverage.parts[1:]:
-                    group.create_task(self._part(part, None, inline_hash=False))
+                for _ in range(self.plan.connections):
+                    if todo:
+                        connections_running[0] += 1
+                        group.create_task(connection(todo.popleft()))
                 group.create_task(self._hash_in_order(coverage))
         except* OciError as failed:
             raise failed.exceptions[0] from None

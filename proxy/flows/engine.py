@@ -18,6 +18,7 @@ from proxy.core.config import Settings
 from proxy.flows.access import Access
 from proxy.flows.fills import Fill, Fills, Plan
 from proxy.flows.manifests import ManifestStore
+from proxy.flows.referrers import Referrers
 from proxy.store.cache import BlobCache, Budget
 from proxy.store.catalogue import Catalogue
 from proxy.store.lock import CacheLock
@@ -36,11 +37,18 @@ class Engine:
     access: Access
     fills: Fills
     manifests: ManifestStore
+    referrers: Referrers
     upstreams: dict[str, UpstreamClient]
 
     def pinned(self) -> frozenset[str]:
         names = [u.name for u in self.settings.upstreams]
-        return pinned_digests(self.catalogue.pins, self.catalogue.tags, self.catalogue.manifests, names)
+        return pinned_digests(
+            self.catalogue.pins,
+            self.catalogue.tags,
+            self.catalogue.manifests,
+            names,
+            self.catalogue.referrers_of,
+        )
 
 
 @asynccontextmanager
@@ -74,6 +82,7 @@ async def running(
                     retries=settings.blob_retries,
                     connections=settings.fill_connections,
                     threshold=settings.parallel_fill_threshold,
+                    chunk=settings.fill_chunk,
                     stall=settings.blob_read_timeout,
                 ),
                 cancel_abandoned=settings.cancel_abandoned_fills,
@@ -81,6 +90,7 @@ async def running(
                 on_finish=on_fill_finish,
             )
             async with upstream_clients(settings) as upstreams:
+                manifests = ManifestStore(storage, catalogue, cache, access, settings)
                 engine = Engine(
                     settings,
                     storage,
@@ -88,7 +98,8 @@ async def running(
                     cache,
                     access,
                     fills,
-                    ManifestStore(storage, catalogue, cache, access, settings),
+                    manifests,
+                    Referrers(catalogue, manifests, settings),
                     upstreams,
                 )
                 holder.append(engine)

@@ -7,13 +7,17 @@ one writer thread. So the warm paths cost no database round trip: a hit moves th
 young end of the LRU order and counts it, and those counts and last-use times are written in
 batches every few seconds, so that LRU order survives a restart. Confirmations (a repository
 holds a digest) can be many more; they are read from the database on a miss and kept in a
-bounded memory of recent ones.
+bounded memory of recent ones. Referrers answers (per subject, as upstream last gave them) are
+kept the same way: they can be large, and only the subjects being asked about need memory. The
+referrers the cache holds itself (manifests whose ``subject`` names another) are indexed in
+memory by subject, in step with the manifests.
 
 Which writes are awaited (durable before the caller goes on) and which are only queued:
 
 * a manifest's rows are committed *before* its file is written, so that a file without a row
   is always a blob (see reconcile); a blob's row is committed after its rename;
-* tag answers and confirmations are awaited, so a client's answer survives a kill -9;
+* tag answers, referrers answers and confirmations are awaited, so a client's answer
+  survives a kill -9;
 * hit counts, last-use times and removals are queued.
 
 Touched only from the event loop thread.
@@ -33,12 +37,23 @@ import structlog
 from cachetools import LRUCache
 
 from proxy.core.mediatypes import Described
+from proxy.core.referrers import Descriptor, decode, encode
 from proxy.store.db import Database
 from proxy.store.migrate import migrate_records, remove_records
 from proxy.store.reconcile import BLOB, MANIFEST, Loaded, decode_list, drop_rows, encode_list, reconcile
 from proxy.store.storage import Storage
 
-__all__ = ["BLOB", "MANIFEST", "BlobEntry", "Catalogue", "ManifestInfo", "TagAnswer", "TagKey"]
+__all__ = [
+    "BLOB",
+    "MANIFEST",
+    "BlobEntry",
+    "Catalogue",
+    "ManifestInfo",
+    "ReferrersAnswer",
+    "ReferrersKey",
+    "TagAnswer",
+    "TagKey",
+]
 
 log = structlog.get_logger("ocicache.catalogue")
 
@@ -46,6 +61,9 @@ log = structlog.get_logger("ocicache.catalogue")
 FLUSH_EVERY: Final = 5.0
 # Access confirmations kept in memory (the rest are a database read away).
 HOLDERS_MEMORY: Final = 100_000
+_PUT_REFERRERS: Final = "INSERT OR REPLACE INTO referrers VALUES (?, ?, ?, ?, ?, ?, ?)"
+# Bytes of stored referrers answers kept in memory (the rest are a database read away).
+REFERRERS_MEMORY: Final = 16 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -87,6 +105,19 @@ class TagAnswer:
 
 # (upstream, repository, tag)
 TagKey = tuple[str, str, str]
+# (upstream, repository, subject digest)
+ReferrersKey = tuple[str, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ReferrersAnswer:
+    """Upstream's referrers of a subject, unfiltered, as last fetched."""
+
+    descriptors: tuple[Descriptor, ...]
+    fetched: float
+    api: bool  # from upstream's referrers API (False: from its fallback tag, or neither)
+    truncated: bool  # upstream had more than the bound; those were left out
+    size: int = 0  # bytes stored, for the memory bound
 
 
 class Catalogue:
@@ -99,6 +130,11 @@ class Catalogue:
         self.tags: dict[TagKey, dict[str, TagAnswer]] = {}
         self.pins: dict[str, str] = {}  # reference -> "config" | "admin"
         self._tags_of: dict[str, set[TagKey]] = {}  # manifest digest -> tags answering it
+        # subject digest -> the manifests held that name it as their subject
+        self.referrers_of: dict[str, set[str]] = {}
+        self._referrer_answers: LRUCache[ReferrersKey, ReferrersAnswer] = LRUCache(
+            maxsize=REFERRERS_MEMORY, getsizeof=lambda answer: 200 + answer.size
+        )
         # Bumped whenever a tag's answers or a manifest change: what remembers an answer (the
         # warm manifest path) checks it instead of looking everything up again.
         self.version = 0
@@ -123,6 +159,8 @@ class Catalogue:
             self.manifests[digest] = ManifestInfo(
                 media_type, size, decode_list(platforms), decode_list(children), subject, artifact
             )
+            if subject is not None:
+                self.referrers_of.setdefault(subject, set()).add(digest)
         for upstream, repository, tag, accept, digest, media_type, fetched in loaded.tags:
             key = (upstream, repository, tag)
             self.tags.setdefault(key, {})[accept] = TagAnswer(digest, media_type, fetched)
@@ -210,7 +248,9 @@ class Catalogue:
         self.total -= entry.size
         self._dirty.discard(digest)
         self.version += 1
-        self.manifests.pop(digest, None)
+        info = self.manifests.pop(digest, None)
+        if info is not None and info.subject is not None:
+            self._unrefer(info.subject, digest)
         for key in self._tags_of.pop(digest, set()):
             answers = self.tags.get(key, {})
             for accept in [a for a, answer in answers.items() if answer.digest == digest]:
@@ -241,7 +281,60 @@ class Catalogue:
     def index_manifest(self, digest: str, info: ManifestInfo) -> None:
         self._index(digest, info.size, MANIFEST)
         self.manifests[digest] = info
+        if info.subject is not None:
+            self.referrers_of.setdefault(info.subject, set()).add(digest)
         self.version += 1
+
+    def _unrefer(self, subject: str, digest: str) -> None:
+        held = self.referrers_of.get(subject)
+        if held is not None:
+            held.discard(digest)
+            if not held:
+                del self.referrers_of[subject]
+
+    # --- referrers answers --------------------------------------------------------------------
+
+    async def referrers_answer(self, key: ReferrersKey) -> ReferrersAnswer | None:
+        """The stored answer for a subject, if we still hold the subject."""
+        if key[2] not in self.manifests:
+            # Its rows went with the subject; what memory still has is not to be served.
+            self._referrer_answers.pop(key, None)
+            return None
+        answer = self._referrer_answers.get(key)
+        if answer is not None:
+            return answer
+        row = await self.db.run(
+            lambda conn: conn.execute(
+                "SELECT fetched, api, truncated, descriptors FROM referrers"
+                " WHERE upstream = ? AND repository = ? AND subject = ?",
+                key,
+            ).fetchone()
+        )
+        if row is None or key[2] not in self.manifests:
+            return None
+        fetched, api, truncated, text = row
+        answer = ReferrersAnswer(decode(text), fetched, bool(api), bool(truncated), len(text))
+        self._referrer_answers[key] = answer
+        return answer
+
+    async def put_referrers_answer(self, key: ReferrersKey, answer: ReferrersAnswer) -> bool:
+        """Store upstream's answer for a subject we hold (False, and nothing stored, for one we
+        do not: its answer could never be dropped with it); durable before it returns."""
+        if key[2] not in self.manifests:
+            return False
+        text = encode(answer.descriptors)
+        answer = ReferrersAnswer(answer.descriptors, answer.fetched, answer.api, answer.truncated, len(text))
+        row = (*key, answer.fetched, int(answer.api), int(answer.truncated), text)
+        try:
+            await self.db.run(lambda conn: conn.execute(_PUT_REFERRERS, row))
+        except sqlite3.Error as exc:
+            log.warning("catalogue_referrers_not_stored", upstream=key[0], repository=key[1], error=str(exc))
+            return False
+        if key[2] not in self.manifests:
+            # Dropped while the row was written: its removal, queued after, took the row too.
+            return False
+        self._referrer_answers[key] = answer
+        return True
 
     def forget_manifest_rows(self, digest: str) -> None:
         """Undo :meth:`persist_manifest` when the file could not be written."""
@@ -389,6 +482,7 @@ def _upsert_manifest(digest: str, info: ManifestInfo, now: float) -> Callable[[s
 def _unmark_manifest(conn: sqlite3.Connection, digest: str, kind: int) -> None:
     conn.execute("DELETE FROM manifests WHERE digest = ?", (digest,))
     conn.execute("DELETE FROM tags WHERE digest = ?", (digest,))
+    conn.execute("DELETE FROM referrers WHERE subject = ?", (digest,))
     conn.execute("UPDATE blobs SET kind = ? WHERE digest = ?", (kind, digest))
 
 

@@ -70,6 +70,20 @@ CREATE TABLE IF NOT EXISTS holders (
     digest TEXT NOT NULL,
     PRIMARY KEY (upstream, repository, digest)
 ) WITHOUT ROWID;
+-- The last referrers answer built from upstream for a subject we hold (its referrers API, or
+-- its fallback tag when it has none), before any artifactType filter. Added to schema 1: a
+-- release that does not know it leaves it alone, and start-up drops rows whose subject is gone.
+CREATE TABLE IF NOT EXISTS referrers (
+    upstream TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    fetched REAL NOT NULL,
+    api INTEGER NOT NULL,        -- 1: upstream's referrers API; 0: its fallback tag
+    truncated INTEGER NOT NULL,  -- 1: more than referrers_max; the rest left out
+    descriptors TEXT NOT NULL,   -- a JSON array of descriptors
+    PRIMARY KEY (upstream, repository, subject)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS referrers_subject ON referrers (subject);
 CREATE TABLE IF NOT EXISTS pins (
     reference TEXT PRIMARY KEY,
     source TEXT NOT NULL,

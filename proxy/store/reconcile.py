@@ -76,6 +76,7 @@ def reconcile(conn: sqlite3.Connection, storage: Storage) -> Loaded:
         (MANIFEST,),
     )
     conn.execute("DELETE FROM tags WHERE digest NOT IN (SELECT digest FROM manifests)")
+    conn.execute("DELETE FROM referrers WHERE subject NOT IN (SELECT digest FROM manifests)")
     conn.execute("DELETE FROM holders WHERE digest NOT IN (SELECT digest FROM blobs)")
     loaded.blobs = sorted([*rows.values(), *new], key=lambda r: r[4])  # oldest use first
     loaded.manifests = list(
@@ -91,11 +92,13 @@ def reconcile(conn: sqlite3.Connection, storage: Storage) -> Loaded:
 
 
 def drop_rows(conn: sqlite3.Connection, digests: list[str]) -> None:
-    """Forget these digests: their blob rows, and the manifest and tag rows that need them."""
+    """Forget these digests: their blob rows, the manifest and tag rows that need them, and the
+    referrers answers stored for them as subjects."""
     params = [(d,) for d in digests]
     conn.executemany("DELETE FROM blobs WHERE digest = ?", params)
     conn.executemany("DELETE FROM manifests WHERE digest = ?", params)
     conn.executemany("DELETE FROM tags WHERE digest = ?", params)
+    conn.executemany("DELETE FROM referrers WHERE subject = ?", params)
 
 
 def encode_list(values: tuple[str, ...]) -> str:

@@ -28,8 +28,10 @@ from proxy.core import jsontext
 from proxy.core.config import Settings, UpstreamConfig
 from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError
-from proxy.core.mediatypes import MANIFEST_MAX, MANIFEST_TYPES
+from proxy.core.links import next_target
+from proxy.core.mediatypes import MANIFEST_MAX, MANIFEST_TYPES, OCI_INDEX
 from proxy.core.reference import Digest
+from proxy.core.referrers import PAGE_MAX, Descriptor, NotAnIndex, filters_applied, parse_index
 from proxy.core.upstreamauth import (
     Challenge,
     Token,
@@ -53,6 +55,12 @@ TAGS_MAX: Final = 4 * 1024 * 1024
 # Token answers are small JSON documents (a JWT or two); anything larger is not one.
 TOKEN_MAX: Final = 1024 * 1024
 MAX_REDIRECTS: Final = 5
+# Pages of one referrers answer we follow at most (each must bring new descriptors, too).
+REFERRERS_PAGES_MAX: Final = 64
+# Upstream's query for its next page goes back to it, but not an unbounded one.
+_LINK_QUERY_MAX: Final = 2048
+# Statuses that mean "no referrers API here" (spec: a registry with it never answers 404).
+_NO_REFERRERS_API: Final = frozenset({404, 405})
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 _TRANSPORT_ERRORS: Final = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
@@ -106,6 +114,14 @@ class ManifestReply:
     media_type: str
     digest: str | None  # upstream's Docker-Content-Digest, if it sent one
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReferrersReply:
+    descriptors: tuple[Descriptor, ...]
+    truncated: bool  # more than the limit, or paging stopped early: some were left out
+    filtered: bool  # upstream said it applied the artifactType filter to every page
+    dropped: int  # entries that were not valid referrer descriptors
 
 
 class UpstreamClient:
@@ -412,6 +428,124 @@ class UpstreamClient:
         finally:
             resp.release()
 
+    async def referrers(
+        self, repository: str, subject: Digest, artifact_type: str | None, limit: int
+    ) -> ReferrersReply | None:
+        """The referrers of ``subject``, following upstream's pages up to ``limit`` descriptors
+        within one manifest timeout; None when upstream has no referrers API (404 or 405,
+        also after a redirect: ghcr.io answers a 303 to a 404).
+
+        A next page is followed only on upstream's own origin and this very path, and only
+        while pages bring descriptors not seen yet: a Link elsewhere, back to a page we read,
+        or paging without end stops there, and the answer says it was cut short."""
+        path = f"/v2/{repository}/referrers/{subject}"
+        own_path = self.url.path.rstrip("/") + path
+        query: dict[str, str] = {} if artifact_type is None else {"artifactType": artifact_type}
+        found: dict[str, Descriptor] = {}
+        filtered = True
+        dropped = 0
+        truncated = False
+        pages: set[str] = set()
+        try:
+            async with asyncio.timeout(self._manifest_timeout.total):
+                for page in range(REFERRERS_PAGES_MAX):
+                    body, link, applied, status = await self._referrers_page(path, repository, query)
+                    if status in _NO_REFERRERS_API:
+                        if page == 0:
+                            return None
+                        raise OciError(
+                            Code.UPSTREAM_ERROR, "upstream referrers page vanished", {"upstream": self.name}
+                        )
+                    try:
+                        descriptors, bad = parse_index(body)
+                    except NotAnIndex as exc:
+                        log.warning("upstream_referrers_not_an_index", upstream=self.name, reason=str(exc))
+                        raise OciError(
+                            Code.UPSTREAM_ERROR,
+                            "upstream referrers answer is not an image index",
+                            {"upstream": self.name},
+                        ) from exc
+                    filtered = filtered and applied
+                    dropped += bad
+                    fresh = [d for d in descriptors if d.digest not in found]
+                    for d in fresh:
+                        if len(found) >= limit:
+                            truncated = True
+                            break
+                        found[d.digest] = d
+                    if truncated or link is None:
+                        break
+                    if len(found) >= limit:
+                        # Full, and upstream has more: not one request past the bound.
+                        truncated = True
+                        break
+                    target = next_target(link)
+                    if target is None:
+                        break
+                    next_url = self.url.join(target)
+                    where = next_url.raw_query_string
+                    if (
+                        not same_origin(next_url, self.url)
+                        or next_url.raw_path != own_path
+                        or len(where) > _LINK_QUERY_MAX
+                        or where in pages
+                        or not fresh
+                    ):
+                        log.warning(
+                            "upstream_referrers_link_refused",
+                            upstream=self.name,
+                            repository=repository,
+                            off_origin=not same_origin(next_url, self.url),
+                            repeated=where in pages or not fresh,
+                        )
+                        truncated = True
+                        break
+                    pages.add(where)
+                    query = dict(next_url.query)
+                else:
+                    truncated = True
+        except TimeoutError as exc:
+            raise _unreachable(self.name, exc) from exc
+        if dropped:
+            log.warning(
+                "upstream_referrers_dropped", upstream=self.name, repository=repository, dropped=dropped
+            )
+        if truncated:
+            log.warning(
+                "referrers_truncated",
+                upstream=self.name,
+                repository=repository,
+                subject=str(subject),
+                kept=len(found),
+            )
+        return ReferrersReply(
+            tuple(found.values()), truncated, filtered and artifact_type is not None, dropped
+        )
+
+    async def _referrers_page(
+        self, path: str, repository: str, query: Mapping[str, str]
+    ) -> tuple[bytes, str | None, bool, int]:
+        """One page: its body, Link, whether upstream filtered it, and its status."""
+        resp = await self.request(
+            "GET",
+            path,
+            repository=repository,
+            headers={"Accept": OCI_INDEX, "Accept-Encoding": "identity"},
+            query=query,
+        )
+        try:
+            if resp.status in _NO_REFERRERS_API:
+                return b"", None, False, resp.status
+            if resp.status != 200:
+                raise status_error(self.name, resp, Code.MANIFEST_UNKNOWN)
+            body = await read_body(resp, PAGE_MAX, self.name, "referrers answer")
+            applied = filters_applied(resp.headers.get("OCI-Filters-Applied", ""))
+            return body, resp.headers.get("Link"), applied, resp.status
+        except _TRANSPORT_ERRORS as exc:
+            raise _unreachable(self.name, exc) from exc
+        finally:
+            resp.release()
+
 
 async def read_body(resp: aiohttp.ClientResponse, limit: int, upstream: str, what: str) -> bytes:
     """The whole body, to its end; more than ``limit`` bytes is an upstream error.
@@ -505,7 +639,12 @@ class BlobStream:
             raise _unreachable(self._upstream, exc) from exc
 
     def close(self) -> None:
-        self._resp.close()
+        # A body read to its end leaves a connection the next ranged GET can reuse; one cut
+        # short must not be reused (its unread bytes would be taken for the next answer).
+        if self._resp.content.at_eof():
+            self._resp.release()
+        else:
+            self._resp.close()
         if self._slots is not None:
             self._slots.release()
             self._slots = None

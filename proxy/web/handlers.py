@@ -15,7 +15,9 @@ from aiohttp import web
 from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError
 from proxy.core.links import next_link
+from proxy.core.mediatypes import OCI_INDEX
 from proxy.core.reference import Digest, Kind, PathRequest, parse_path
+from proxy.core.referrers import FILTER, artifact_type_filter, index_body
 from proxy.core.routing import Route, route
 from proxy.upstream.client import UpstreamClient
 from proxy.web import blobs, keys
@@ -42,6 +44,9 @@ async def registry_api(request: web.Request) -> web.StreamResponse:
     if parsed.kind is Kind.BLOB:
         assert isinstance(parsed.reference, Digest)
         return await blobs.blob(request, client, where.repository, parsed.reference)
+    if parsed.kind is Kind.REFERRERS:
+        assert isinstance(parsed.reference, Digest)
+        return await referrers(request, client, where.repository, parsed.reference)
     return await tags(request, client, where.repository)
 
 
@@ -77,6 +82,21 @@ async def manifest(
             "ETag": f'"{served.digest}"',
         },
     )
+
+
+async def referrers(
+    request: web.Request, client: UpstreamClient, repository: str, subject: Digest
+) -> web.Response:
+    """Always an image index for a valid subject (see :mod:`proxy.flows.referrers`)."""
+    artifact_type = artifact_type_filter(request.query.getall(FILTER, []))
+    served = await request.app[keys.REFERRERS].get(client, repository, subject, artifact_type)
+    body = index_body(served.descriptors)
+    headers = {**API_VERSION, "Content-Type": OCI_INDEX}
+    if served.filtered:
+        headers["OCI-Filters-Applied"] = FILTER
+    request[keys.CACHE_RESULT] = served.source
+    request[keys.SENT] = 0 if request.method == "HEAD" else len(body)
+    return web.Response(body=body, headers=headers)
 
 
 async def tags(request: web.Request, client: UpstreamClient, repository: str) -> web.Response:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 from cachetools import LRUCache
 
+from proxy.airgap.prefetch import PrefetchReport
 from proxy.core.config import Settings
 from proxy.core.reference import PathRequest
 from proxy.core.routing import Route
@@ -14,6 +16,7 @@ from proxy.flows.access import Access
 from proxy.flows.engine import Engine
 from proxy.flows.fills import Fills
 from proxy.flows.manifests import ManifestStore
+from proxy.flows.referrers import Referrers
 from proxy.store.cache import BlobCache
 from proxy.store.catalogue import Catalogue
 from proxy.store.storage import Storage
@@ -31,8 +34,11 @@ CACHE: Final = web.AppKey("cache", BlobCache)
 CATALOGUE: Final = web.AppKey("catalogue", Catalogue)
 FILLS: Final = web.AppKey("fills", Fills)
 MANIFESTS: Final = web.AppKey("manifests", ManifestStore)
+REFERRERS: Final = web.AppKey("referrers", Referrers)
 ACCESS: Final = web.AppKey("access", Access)
 UPSTREAMS: Final = web.AppKey("upstreams", dict[str, UpstreamClient])
+# serve's background fetch of pins the cache lacks (done at once when there are none).
+PINS_FETCH: Final = web.AppKey("pins_fetch", asyncio.Task[PrefetchReport | None])
 # (raw path, ns) -> what it asks for and of which upstream: a pure function of the key, for
 # one app (its upstreams are fixed), remembered because pulls repeat the same few paths.
 RESOLVED: Final = web.AppKey("resolved", LRUCache[tuple[str, str | None], tuple[PathRequest, Route]])

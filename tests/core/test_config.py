@@ -149,6 +149,10 @@ def test_password_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ({"cancel_abandoned_fills": [True]}, "cancel_abandoned_fills"),
         ({"log_level": ["info"]}, "log_level"),
         ({"upstream_blob_connections": 0}, "upstream_blob_connections"),
+        ({"referrers_ttl": "soon"}, "referrers_ttl"),
+        ({"referrers_max": 0}, "referrers_max"),
+        ({"referrers_max": 10**6}, "referrers_max"),
+        ({"referrers_api_ttl": "forever"}, "referrers_api_ttl"),
         # Credentials in a URL would be written in clear text wherever the URL is shown.
         ({"upstreams": {"a.io": "http://user:secret@127.0.0.1:5000"}}, "upstreams.a.io.url"),
         ({"upstreams": ["a.io=https://user:secret@r.example"]}, "upstreams.a.io.url"),
@@ -226,3 +230,27 @@ def test_policy_settings_parse() -> None:
         "alpine",
         "busybox",
     )
+
+
+def test_referrers_settings_and_the_fallback_tags_ttl() -> None:
+    s = load(
+        None,
+        {
+            "referrers_ttl": "5m",
+            "referrers_max": 10,
+            "referrers_api_ttl": "2h",
+            "tag_rules": [{"pattern": "sha256-0+", "ttl": 1}],
+            "upstreams": {"docker.io": {"url": "https://registry-1.docker.io", "tag_ttl": "forever"}},
+        },
+        {},
+    )
+    assert (s.referrers_ttl, s.referrers_max, s.referrers_api_ttl) == (300.0, 10, 7200.0)
+    up = s.upstreams[0]
+    # A fallback tag follows referrers_ttl, not the upstream's tag TTL; a tag rule still wins.
+    assert s.ttl_for(up, "sha256-" + "a" * 64) == 300.0
+    assert s.ttl_for(up, "sha512-" + "a" * 64) == 300.0
+    assert s.ttl_for(up, "sha256-" + "0" * 64) == 1.0
+    # cosign's legacy tags are ordinary tags.
+    assert s.ttl_for(up, "sha256-" + "a" * 64 + ".sig") is None
+    assert load(None, {"referrers_ttl": "forever"}, {}).referrers_ttl is None
+    assert load(None, {}, {"OCICACHE_REFERRERS_MAX": "7"}).referrers_max == 7

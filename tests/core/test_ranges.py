@@ -6,7 +6,7 @@ import pytest
 
 from proxy.core.errors import OciError
 from proxy.core.ranges import MAX_RANGES, ByteRange, parse_ranges
-from proxy.flows.coverage import Coverage, Part, plan_parts
+from proxy.flows.coverage import MIN_PART, Coverage, Part, plan_parts
 
 
 @pytest.mark.parametrize(
@@ -32,11 +32,19 @@ def test_no_satisfiable_or_a_malformed_range_is_416(header: str) -> None:
     assert info.value.status == 416
 
 
-def test_parts_tile_the_blob() -> None:
-    parts = plan_parts(100, 10, 4, min_part=5)
-    assert [(p.start, p.end) for p in parts] == [(0, 10), (10, 40), (40, 70), (70, 100)]
-    assert [(p.start, p.end) for p in plan_parts(12, 10, 4, min_part=5)] == [(0, 10), (10, 12)]
-    assert [(p.start, p.end) for p in plan_parts(8, 10, 4)] == [(0, 8)]
+def test_parts_are_the_first_chunk_then_chunks_in_order() -> None:
+    mib = MIN_PART
+    parts = plan_parts(10 * mib, 2 * mib, 3 * mib)
+    assert [(p.start, p.end) for p in parts] == [
+        (0, 2 * mib),
+        (2 * mib, 5 * mib),
+        (5 * mib, 8 * mib),
+        (8 * mib, 10 * mib),
+    ]
+    # No crumb of a last chunk: it goes with the one before.
+    parts = plan_parts(8 * mib + 1, 2 * mib, 3 * mib)
+    assert [(p.start, p.end) for p in parts] == [(0, 2 * mib), (2 * mib, 5 * mib), (5 * mib, 8 * mib + 1)]
+    assert [(p.start, p.end) for p in plan_parts(mib, 2 * mib, 3 * mib)] == [(0, mib)]
 
 
 def test_coverage_prefix_and_runs() -> None:

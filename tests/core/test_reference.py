@@ -25,6 +25,17 @@ HEX = "a" * 64
         ("/v2/myreg.io:5000/app/manifests/1", Kind.MANIFEST, "myreg.io:5000/app", "1"),
         # A repository named like an endpoint word still parses by the last marker.
         ("/v2/blobs/manifests/manifests/x", Kind.MANIFEST, "blobs/manifests", "x"),
+        (f"/v2/alpine/referrers/sha256:{HEX}", Kind.REFERRERS, "alpine", Digest("sha256", HEX)),
+        (
+            f"/v2/ghcr.io/o/a/referrers/sha512:{'b' * 128}",
+            Kind.REFERRERS,
+            "ghcr.io/o/a",
+            Digest("sha512", "b" * 128),
+        ),
+        (f"/v2/referrers/referrers/sha256:{HEX}", Kind.REFERRERS, "referrers", Digest("sha256", HEX)),
+        (f"/v2/a/manifests/b/referrers/sha256:{HEX}", Kind.REFERRERS, "a/manifests/b", Digest("sha256", HEX)),
+        (f"/v2/a/referrers/b/manifests/sha256:{HEX}", Kind.MANIFEST, "a/referrers/b", Digest("sha256", HEX)),
+        ("/v2/a/referrers/b/manifests/v1", Kind.MANIFEST, "a/referrers/b", "v1"),
     ],
 )
 def test_valid_paths(path: str, kind: Kind, name: str, ref: object) -> None:
@@ -54,6 +65,13 @@ def test_valid_paths(path: str, kind: Kind, name: str, ref: object) -> None:
         ("/v2/alpine/manifests/" + "t" * 200, Code.TAG_INVALID),
         ("/v2/alpine/manifests/", Code.TAG_INVALID),
         ("/v2/alpine", Code.NAME_UNKNOWN),
+        # A referrers subject is a digest, never a tag.
+        ("/v2/alpine/referrers/latest", Code.DIGEST_INVALID),
+        ("/v2/alpine/referrers/sha256:abc", Code.DIGEST_INVALID),
+        (f"/v2/alpine/referrers/sha256:{'A' * 64}", Code.DIGEST_INVALID),
+        (f"/v2/alpine/referrers/sha256:{HEX}/x", Code.DIGEST_INVALID),
+        ("/v2/alpine/referrers/", Code.DIGEST_INVALID),
+        (f"/v2/../referrers/sha256:{HEX}", Code.NAME_INVALID),
         ("/etc/passwd", Code.NAME_UNKNOWN),
     ],
 )

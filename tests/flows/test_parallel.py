@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import os
 import re
 from email.parser import BytesParser
@@ -16,13 +15,14 @@ import aiohttp
 import pytest
 
 from proxy.core.reference import Digest
+from proxy.flows.coverage import plan_parts
 from proxy.web import keys
 from tests.conftest import Proxy, StartProxy
 from tests.support.fake_upstream import BlobFaults, FakeUpstream, Seen
 
 MiB = 1024 * 1024
 # Small numbers keep the tests quick; the mechanism is the same at 32 MiB.
-SETTINGS = {"parallel_fill_threshold": 2 * MiB, "fill_connections": 4}
+SETTINGS = {"parallel_fill_threshold": 2 * MiB, "fill_connections": 4, "fill_chunk": 2 * MiB}
 
 
 def sha(data: bytes) -> str:
@@ -56,13 +56,10 @@ async def test_a_large_blob_comes_in_parts_each_byte_once(
     digest = fake.add_blob(data)
     proxy = await start_proxy({"docker.io": fake.url}, **SETTINGS)
     assert await fetch(session, url(proxy, digest)) == data
-    gets = blob_gets(fake, digest)
-    assert len(gets) == 4
-    spans = sorted(range_of(g) for g in gets)
-    assert spans[0] == (0, 2 * MiB - 1)
-    # The rest, split in three, without gaps or overlaps.
-    for (_, last), (nxt, _) in itertools.pairwise(spans):
-        assert nxt == (last or 0) + 1
+    spans = sorted(range_of(g) for g in blob_gets(fake, digest))
+    # The first chunk, then chunks in order (the last one takes the crumb), each asked once.
+    assert spans == [(p.start, p.end - 1) for p in plan_parts(len(data), 2 * MiB, 2 * MiB)]
+    assert spans[:2] == [(0, 2 * MiB - 1), (2 * MiB, 4 * MiB - 1)]
     assert spans[-1][1] == len(data) - 1
     assert fake.sent_bytes[digest] == len(data)  # upstream sent each byte once
     assert digest in await proxy.cached()
@@ -73,15 +70,15 @@ async def test_a_broken_part_is_retried_alone(
 ) -> None:
     data = os.urandom(11 * MiB)
     digest = fake.add_blob(data)
-    fake.faults[digest] = BlobFaults(reset_at=7 * MiB, reset_times=1)  # inside the third part
+    fake.faults[digest] = BlobFaults(reset_at=7 * MiB, reset_times=1)  # inside the chunk [6, 8) MiB
     proxy = await start_proxy({"docker.io": fake.url}, **SETTINGS)
     assert await fetch(session, url(proxy, digest)) == data
     gets = blob_gets(fake, digest)
-    assert len(gets) == 5
+    chunks = len(plan_parts(len(data), 2 * MiB, 2 * MiB))
+    assert len(gets) == chunks + 1
     resumed = range_of(gets[-1])
-    # From where that part broke (what arrived of it, at most the 7 MiB sent), to its own end:
-    # the part is [5 MiB, 8 MiB) (2 MiB first, then 9 MiB in three).
-    assert 5 * MiB < resumed[0] <= 7 * MiB
+    # From where that chunk broke (what arrived of it, at most the 7 MiB sent), to its end.
+    assert 6 * MiB < resumed[0] <= 7 * MiB
     assert resumed[1] == 8 * MiB - 1
     # Only what the broken connection lost in flight was sent twice.
     assert fake.sent_bytes[digest] == len(data) + (7 * MiB - resumed[0])

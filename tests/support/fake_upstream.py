@@ -6,6 +6,11 @@ pull side of the OCI Distribution API on 127.0.0.1 ephemeral ports and keeps
 a log of every request (`seen`) so tests can assert how often the proxy went
 upstream.  Optional extra origins mimic Docker Hub: a Bearer token server and
 a "CDN" that blob GETs are 307-redirected to with signed URLs.
+
+It also speaks the OCI 1.1 referrers API over the manifests it holds (those whose
+``subject`` names a digest), with paging and artifactType filtering that tests can
+switch off, or not at all (``referrers_mode``: 404 like distribution, 405, or a
+303 to a 404 like ghcr.io), in which case tests push the fallback tag instead.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Literal, Self
+from urllib.parse import quote
 
 from aiohttp import encode_basic_auth, web
 from aiohttp.typedefs import Handler, Middleware
@@ -28,6 +34,9 @@ from aiohttp.typedefs import Handler, Middleware
 from tests.support.images import Image
 
 Origin = Literal["registry", "token", "cdn"]
+ReferrersMode = Literal["api", "404", "405", "redirect-404"]
+ReferrersHook = Callable[[web.Request, str, str], web.StreamResponse | None]
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 SERVICE = "fake-registry"
 CHUNK = 64 * 1024
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -140,6 +149,15 @@ class FakeUpstream:
         self.retry_after = 7
         self.ratelimit_remaining: int | None = None
         self.private_repos: set[str] = set()
+        # The referrers API: "api", or how a registry without one answers.
+        self.referrers_mode: ReferrersMode = "api"
+        # Descriptors per referrers page (None: all in one), and whether ?artifactType= is
+        # applied (and OCI-Filters-Applied sent) or ignored, as the spec allows.
+        self.referrers_page: int | None = None
+        self.referrers_filter = True
+        # Sees each referrers request (request, name, subject) first; a response it returns
+        # is sent instead of the fake's own (hostile answers).
+        self.referrers_hook: ReferrersHook | None = None
         self._blobs: dict[str, _Blob] = {}
         self._manifests: dict[tuple[str, str], tuple[bytes, str]] = {}  # (repo, digest) -> (body, type)
         self._tags: dict[str, dict[str, str]] = {}  # repo -> tag -> digest
@@ -329,7 +347,7 @@ class FakeUpstream:
         else:
             # Names may contain slashes and even the words "blobs"/"manifests";
             # the last marker wins because references never contain "/".
-            cut = max(rest.rfind("/manifests/"), rest.rfind("/blobs/"))
+            cut = max(rest.rfind("/manifests/"), rest.rfind("/blobs/"), rest.rfind("/referrers/"))
             if cut <= 0:
                 return _error(404, "NAME_UNKNOWN", "no such route")
             name = rest[:cut]
@@ -343,6 +361,8 @@ class FakeUpstream:
             return await self._tags_list(request, name)
         if kind == "manifests":
             return await self._manifest(request, name, ref)
+        if kind == "referrers":
+            return await self._referrers(request, name, ref)
         return await self._registry_blob(request, name, ref)
 
     async def _manifest(self, request: web.Request, name: str, ref: str) -> web.StreamResponse:
@@ -352,6 +372,59 @@ class FakeUpstream:
             return _error(404, "MANIFEST_UNKNOWN", f"manifest unknown: {name}:{ref}")
         body, media_type = found
         return await self._send(request, body, digest, media_type, ranged=False)
+
+    def referrers_of(self, name: str, subject: str) -> list[dict[str, object]]:
+        """Descriptors of the manifests of ``name`` whose subject is ``subject``, as the spec
+        lists them (artifactType, else the config's media type; the annotations)."""
+        found: list[dict[str, object]] = []
+        for (repo, digest), (body, media_type) in self._manifests.items():
+            if repo != name:
+                continue
+            try:
+                doc = json.loads(body)
+            except ValueError:
+                continue
+            if not isinstance(doc, dict) or (doc.get("subject") or {}).get("digest") != subject:
+                continue
+            entry: dict[str, object] = {"mediaType": media_type, "digest": digest, "size": len(body)}
+            artifact = doc.get("artifactType") or (doc.get("config") or {}).get("mediaType")
+            if artifact:
+                entry["artifactType"] = artifact
+            if doc.get("annotations"):
+                entry["annotations"] = doc["annotations"]
+            found.append(entry)
+        return found
+
+    async def _referrers(self, request: web.Request, name: str, subject: str) -> web.StreamResponse:
+        if self.referrers_hook is not None:
+            scripted = self.referrers_hook(request, name, subject)
+            if scripted is not None:
+                return scripted
+        if self.referrers_mode == "404":
+            return web.Response(status=404, text="404 page not found\n")  # distribution's router
+        if self.referrers_mode == "405":
+            return _error(405, "UNSUPPORTED", "the operation is unsupported")
+        if self.referrers_mode == "redirect-404":
+            raise web.HTTPSeeOther(f"/no-referrers-here/{subject}")
+        entries = self.referrers_of(name, subject)
+        headers: dict[str, str] = {}
+        artifact = request.query.get("artifactType")
+        if artifact is not None and self.referrers_filter:
+            entries = [e for e in entries if e.get("artifactType") == artifact]
+            headers["OCI-Filters-Applied"] = "artifactType"
+        if self.referrers_page is not None:
+            last = request.query.get("last")
+            digests = [e["digest"] for e in entries]
+            start = digests.index(last) + 1 if last in digests else 0
+            page = entries[start : start + self.referrers_page]
+            if start + self.referrers_page < len(entries):
+                query = f"last={page[-1]['digest']}"
+                if artifact is not None:
+                    query += f"&artifactType={quote(artifact, safe='')}"
+                headers["Link"] = f'</v2/{name}/referrers/{subject}?{query}>; rel="next"'
+            entries = page
+        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
+        return await self._send(request, body, f"referrers {subject}", OCI_INDEX, ranged=False, extra=headers)
 
     async def _registry_blob(self, request: web.Request, name: str, digest: str) -> web.StreamResponse:
         blob = self._blobs.get(digest)

@@ -195,6 +195,81 @@ def make_index(images: Sequence[Image], flavour: Flavour = "oci") -> Index:
     return Index(manifest, sha256_digest(manifest), media_type, tuple(images))
 
 
+# OCI 1.1 artifacts: an empty config, and the artifact types cosign and syft use.
+OCI_EMPTY = "application/vnd.oci.empty.v1+json"
+SIGNATURE_TYPE = "application/vnd.dev.cosign.artifact.sig.v1+json"
+SBOM_TYPE = "application/spdx+json"
+
+
+def make_referrer(
+    subject: Image | Index,
+    artifact_type: str,
+    payload: bytes,
+    *,
+    annotations: dict[str, str] | None = None,
+    layer_type: str | None = None,
+    with_artifact_type: bool = True,
+) -> Image:
+    """An OCI 1.1 artifact whose ``subject`` is ``subject``: an image manifest with an empty
+    config and ``payload`` as its one layer (a signature, an SBOM). Without
+    ``with_artifact_type`` the type is carried by the config's media type instead, as older
+    tools write it."""
+    digest = subject.manifest_digest if isinstance(subject, Image) else subject.digest
+    described: dict[str, Any] = {
+        "mediaType": subject.media_type,
+        "digest": digest,
+        "size": len(subject.manifest),
+    }
+    config = Blob.of(b"{}", OCI_EMPTY if with_artifact_type else artifact_type)
+    layer = Blob.of(payload, layer_type or artifact_type)
+    doc: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": config.descriptor(),
+        "layers": [layer.descriptor()],
+        "subject": described,
+    }
+    if with_artifact_type:
+        doc["artifactType"] = artifact_type
+    if annotations:
+        doc["annotations"] = annotations
+    manifest = _canonical_json(doc)
+    return Image(
+        manifest=manifest,
+        manifest_digest=sha256_digest(manifest),
+        media_type=OCI_MANIFEST,
+        config=config,
+        layers=(layer,),
+        platform=("", ""),
+    )
+
+
+def referrer_descriptor(referrer: Image) -> dict[str, Any]:
+    """What a referrers answer lists for ``referrer`` (the spec's artifactType rule)."""
+    doc = json.loads(referrer.manifest)
+    entry: dict[str, Any] = {
+        "mediaType": referrer.media_type,
+        "digest": referrer.manifest_digest,
+        "size": len(referrer.manifest),
+        "artifactType": doc.get("artifactType") or doc["config"]["mediaType"],
+    }
+    if doc.get("annotations"):
+        entry["annotations"] = doc["annotations"]
+    return entry
+
+
+def make_referrers_index(referrers: Sequence[Image]) -> Index:
+    """The image index a client pushes to the fallback tag ``sha256-<hex>`` of a subject on a
+    registry without the referrers API; push it with :func:`push_index` under that tag."""
+    entries = [referrer_descriptor(r) for r in referrers]
+    manifest = _canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries})
+    return Index(manifest, sha256_digest(manifest), OCI_INDEX, tuple(referrers))
+
+
+def fallback_tag(digest: str) -> str:
+    return digest.replace(":", "-", 1)
+
+
 class PushError(RuntimeError):
     """The registry answered a push step with an unexpected status."""
 

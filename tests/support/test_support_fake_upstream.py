@@ -387,3 +387,43 @@ async def test_counts(up: FakeUpstream, client: aiohttp.ClientSession) -> None:
     assert up.count(origin="cdn") == 0
     assert up.count(path_contains="/uploads/") == 1
     assert up.seen[1].headers["range"] == "bytes=1-"
+
+
+async def test_the_fake_lists_referrers_with_paging_filtering_and_no_api_modes(up: FakeUpstream) -> None:
+    from tests.support.images import (
+        SBOM_TYPE,
+        SIGNATURE_TYPE,
+        make_image,
+        make_referrer,
+        referrer_descriptor,
+    )
+
+    subject = make_image(seed=1)
+    sig = make_referrer(subject, SIGNATURE_TYPE, b"sig")
+    sbom = make_referrer(subject, SBOM_TYPE, b"sbom", with_artifact_type=False)
+    for image in (subject, sig, sbom):
+        up.add_image("app", image)
+    url = f"{up.url}/v2/app/referrers/{subject.manifest_digest}"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url) as resp:
+            doc = await resp.json(content_type=None)
+            assert doc["manifests"] == [referrer_descriptor(sig), referrer_descriptor(sbom)]
+            # Without artifactType in the manifest, the config's media type stands in.
+            assert doc["manifests"][1]["artifactType"] == SBOM_TYPE
+        async with s.get(url, params={"artifactType": SBOM_TYPE}) as resp:
+            assert resp.headers["OCI-Filters-Applied"] == "artifactType"
+            assert len((await resp.json(content_type=None))["manifests"]) == 1
+        up.referrers_page = 1
+        async with s.get(url) as resp:
+            assert len((await resp.json(content_type=None))["manifests"]) == 1
+            assert (
+                resp.headers["Link"]
+                == f'</v2/app/referrers/{subject.manifest_digest}?last={sig.manifest_digest}>; rel="next"'
+            )
+        async with s.get(url, params={"last": sig.manifest_digest}) as resp:
+            assert (await resp.json(content_type=None))["manifests"] == [referrer_descriptor(sbom)]
+            assert "Link" not in resp.headers
+        for mode, status in (("404", 404), ("405", 405), ("redirect-404", 404)):
+            up.referrers_mode = mode  # type: ignore[assignment]
+            async with s.get(url) as resp:
+                assert resp.status == status

@@ -1,4 +1,8 @@
-"""Single-flight benchmark (issue 3): N clients ask two proxies for one cold blob at the same moment.
+"""Cold fan-out (issue 3): N clients ask two proxies for one cold blob at the same moment.
+
+The engine of the ``cold-fanout`` scenario (:mod:`loadtests.scenarios.cold_fanout`), which runs
+it at a size that fits the harness's deadline, and of this module's own command line, which runs
+it at any size for a closer look and prints its detailed report.
 
 Everything runs on this machine, over 127.0.0.1 only:
 
@@ -24,7 +28,7 @@ run checks memory under stalled clients: 20 clients that read the headers and on
 stop reading, beside one client that reads it all. Every pass over all of this is repeated
 (``--repeat``, 5 by default) and the report shows medians.
 
-Run: ``python -m loadtests.bench_coldblob [--size-mib 200] [--clients 1,4,20] [--upstream-mbps X]
+Run: ``python -m loadtests.fanout [--size-mib 200] [--clients 1,4,20] [--upstream-mbps X]
 [--out FILE]``.
 Every wait is bounded, and the whole run by ``--deadline`` (15 minutes by default).
 """
@@ -34,28 +38,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
-import json
 import os
 import platform
 import re
 import shutil
 import statistics
 import sys
-import tarfile
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Final, Literal
+from typing import Final, Literal
 
 import aiohttp
 
 from loadtests.clients import ClientError, ClientGroup, ClientResult, Group, Job, WorkerGroup
+from loadtests.fixtures import REPO, make_image, push_image
+from loadtests.sampling import cpu_seconds, foreign_cpu, machine_times, peak_rss, process_table
+from loadtests.servers import FollowedServer, start_ocicache
 from loadtests.shaper import LOOPBACK, MB, ShaperError, ShaperProcess
-from tests.support.images import OCI_CONFIG, OCI_MANIFEST, Blob, push_blob, push_manifest
+from tests.support.images import Blob
 from tests.support.registry import (
     LoggedRequest,
     Registry,
@@ -66,19 +70,15 @@ from tests.support.registry import (
 
 ProxyKind = Literal["ocicache", "distribution"]
 LoopKind = Literal["uvloop", "asyncio"]
-Scenario = Literal["cold", "warm", "stalled"]
+RunKind = Literal["cold", "warm", "stalled"]
 
 MiB: Final = 1024 * 1024
-REPO: Final = "library/bench"
-ROOT: Final = Path(__file__).resolve().parent.parent
 DEFAULT_DEADLINE: Final = 15 * 60.0
 # One run (N clients reading one blob) may take at most this long, however much of the overall
 # deadline is left: a proxy that stops sending must not eat the whole budget. Over a shaped
 # link, at least RUN_TIMEOUT_LINK_FACTOR times what the link needs for the run (run_timeout).
 RUN_TIMEOUT: Final = 300.0
 RUN_TIMEOUT_LINK_FACTOR: Final = 3.0
-PROXY_START_TIMEOUT: Final = 30.0
-PROXY_STOP_TIMEOUT: Final = 15.0
 # How long the upstream's log may lag behind the last byte it sent before we call it lost.
 LOG_TIMEOUT: Final = 60.0
 STALLED_CLIENTS: Final = 20
@@ -88,12 +88,10 @@ TARGET_WALL_RATIO: Final = 1.2
 TARGET_TTFB: Final = 0.250
 TARGET_STALLED_RSS: Final = 1.0 * MiB
 
-# The proxy's log lines that end a fill, and the longest line we read from its log.
+# The proxy's log lines that end a fill.
 FILL_END_EVENTS: Final = ("fill_committed", "fill_failed", "fill_disk_error")
-LOG_LINE_LIMIT: Final = 1024 * 1024
 
 _BLOB_GET_RE: Final = re.compile(r"^/v2/.+/blobs/(?P<digest>[a-z0-9]+:[a-f0-9]+)(?:\?.*)?$")
-_LISTENING_RE: Final = re.compile(r"ocicache listening on (http://127\.0\.0\.1:\d+)")
 _VERSION_RE: Final = re.compile(r"(?<![.\w])version=(\S+)")
 
 
@@ -112,6 +110,7 @@ class BenchConfig:
     stalled: int = STALLED_CLIENTS  # 0: skip the stalled-client check
     warm: bool = True  # also time a warm read after each cold one
     proxy_loop: LoopKind = "uvloop"  # ocicache's --event-loop
+    ocicache_args: tuple[str, ...] = ()  # more of ocicache's flags (a --config file, say)
     # Client processes. One process reading and hashing 20 copies saturates a core (measured:
     # 3.5 s of CPU in a 3.6 s run), so the default spreads the clients over every core; 1 runs
     # them in this process.
@@ -131,7 +130,7 @@ class RunResult:
     """One measured run: N clients against one fresh (cold) or just-filled (warm) proxy."""
 
     proxy: ProxyKind
-    scenario: Scenario
+    scenario: RunKind
     clients: int  # clients that read the whole blob
     stalled: int  # clients that stopped after one byte
     wall: float
@@ -149,6 +148,7 @@ class RunResult:
     # and the relay's CPU seconds.
     link_bytes: int | None = None
     relay_cpu: float | None = None
+    rep: int = 0  # the pass it was measured in, from 1
 
 
 def _median(values: Sequence[float]) -> float:
@@ -160,7 +160,7 @@ class Row:
     """Every repetition of one (proxy, scenario, N): medians, and the spread where it matters."""
 
     proxy: ProxyKind
-    scenario: Scenario
+    scenario: RunKind
     clients: int
     stalled: int
     runs: list[RunResult]
@@ -249,7 +249,7 @@ class Report:
             rows[key].runs.append(run)
         return list(rows.values())
 
-    def find(self, proxy: ProxyKind, scenario: Scenario, clients: int) -> Row | None:
+    def find(self, proxy: ProxyKind, scenario: RunKind, clients: int) -> Row | None:
         for row in self.rows():
             if (row.proxy, row.scenario, row.clients) == (proxy, scenario, clients):
                 return row
@@ -292,66 +292,6 @@ class Report:
 
     def markdown(self) -> str:
         return render_markdown(self)
-
-
-# --- the image ----------------------------------------------------------------------------------
-
-
-def make_big_image(size: int) -> tuple[Blob, Blob, bytes]:
-    """(layer, config, manifest) of a one-layer image whose layer is a tar of ``size`` random
-    bytes. Uncompressed, so the layer digest is its diff_id and nothing burns minutes in gzip."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo("bench/random.bin")
-        info.size = size
-        info.mode = 0o644
-        tar.addfile(info, io.BytesIO(os.urandom(size)))
-    layer = Blob.of(buf.getvalue(), "application/vnd.oci.image.layer.v1.tar")
-    config_doc = {
-        "architecture": "amd64",
-        "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": [layer.digest]},
-    }
-    config = Blob.of(json.dumps(config_doc).encode(), OCI_CONFIG)
-    manifest_doc = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": config.descriptor(),
-        "layers": [layer.descriptor()],
-    }
-    manifest = json.dumps(manifest_doc).encode()
-    return layer, config, manifest
-
-
-# --- process measurements ----------------------------------------------------------------------
-
-
-def peak_rss(pid: int) -> int:
-    """The process's peak resident set (VmHWM) in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise BenchError(f"no VmHWM in /proc/{pid}/status")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process, its threads included."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    # The command name (field 2) may hold spaces; every field we want comes after its ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    utime, stime = int(fields[11]), int(fields[12])
-    return (utime + stime) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_task_seconds() -> float:
-    """CPU seconds all CPUs have spent running processes since boot, or stolen by the hypervisor.
-
-    Interrupt and softirq time is left out: with everything on loopback, most of it is this
-    run's own TCP traffic (about 2.6 s of softirq in a 20-client run here), which no process is
-    charged for, and counting it would blur a gauge meant for other processes' load."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()
-    user, nice, system, _idle, _iowait, _irq, _softirq, steal = (int(x) for x in fields[1:9])
-    return (user + nice + system + steal) / os.sysconf("SC_CLK_TCK")
 
 
 # --- upstream accounting -----------------------------------------------------------------------
@@ -448,99 +388,37 @@ class RunningProxy:
 
 
 @contextlib.asynccontextmanager
-async def ocicache_proxy(workdir: Path, upstream: str, loop: LoopKind) -> AsyncIterator[RunningProxy]:
-    cache = workdir / "cache"
-    # OCICACHE_* would override our flags' neighbours (timeouts, cache size): keep runs comparable.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OCICACHE_")}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    stderr_log = workdir / "ocicache.stderr.log"
-    stderr = stderr_log.open("wb")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve",
-        "--listen", "127.0.0.1:0",
-        "--cache-dir", str(cache),
-        "--upstream", f"docker.io={upstream}",
-        # Info, in JSON: the fill's own log line is what settle() waits for. It costs one line
-        # per request besides, a few dozen per run.
-        "--log-level", "info",
-        "--log-format", "json",
-        "--event-loop", loop,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-        env=env,
-        limit=LOG_LINE_LIMIT,
+async def ocicache_proxy(
+    workdir: Path, upstream: str, loop: LoopKind, extra: Sequence[str] = ()
+) -> AsyncIterator[RunningProxy]:
+    # Info, in JSON (ocicache's defaults, said outright): the fill's own log line is what
+    # settle() waits for. It costs one line per request besides, a few dozen per run.
+    server = await asyncio.to_thread(
+        start_ocicache, workdir, {"docker.io": upstream},
+        "--log-level", "info", "--log-format", "json", "--event-loop", loop, *extra, follow_log=True,
     )  # fmt: skip
-    fill_ended: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
-    readers: list[asyncio.Task[None]] = []
     try:
-        assert proc.stdout is not None and proc.stderr is not None
-        readers.append(asyncio.create_task(_tee_log(proc.stderr, stderr, fill_ended)))
-        url = await _read_listening(proc.stdout, stderr_log)
-        # Nothing else is printed on stdout, but a full pipe would block the proxy: keep reading.
-        readers.append(asyncio.create_task(_drain(proc.stdout)))
+        assert isinstance(server, FollowedServer)
 
         async def settle(session: aiohttp.ClientSession) -> int:
             # A reader gets the final byte once the digest matched, before the fill has fsynced
             # and renamed the file into the cache; the fill logs its end after that. Waiting for
             # that line keeps the commit out of whatever runs next (the warm run), and gives the
             # exact count of upstream GETs for the upstream's log to reach.
-            try:
-                fields = await asyncio.wait_for(asyncio.shield(fill_ended), LOG_TIMEOUT)
-            except TimeoutError:
-                raise BenchError(f"ocicache logged no end of its fill; see {stderr_log}") from None
+            def ended(lines: list[str]) -> bool:
+                return any(server.event_fields(FILL_END_EVENTS))
+
+            if not await asyncio.to_thread(server.logged.wait_for, ended, LOG_TIMEOUT):
+                raise BenchError(f"ocicache logged no end of its fill; see {server.log}")
+            fields = server.event_fields(FILL_END_EVENTS)[0]
             if fields.get("event") != "fill_committed":
                 raise BenchError(f"ocicache's fill did not commit: {fields}")
             gets = fields.get("gets")
             return gets if isinstance(gets, int) else 0
 
-        yield RunningProxy("ocicache", url, proc.pid, settle)
+        yield RunningProxy("ocicache", server.url(), server.pid, settle)
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), PROXY_STOP_TIMEOUT)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        for task in readers:
-            task.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-        stderr.close()
-
-
-async def _tee_log(
-    stream: asyncio.StreamReader, out: BinaryIO, fill_ended: asyncio.Future[dict[str, object]]
-) -> None:
-    """Copy the proxy's log into ``out``, and resolve ``fill_ended`` with the fields of the first
-    line that ends a fill (committed or failed)."""
-    while line := await stream.readline():
-        out.write(line)
-        out.flush()
-        if fill_ended.done() or b'"fill_' not in line:
-            continue
-        with contextlib.suppress(ValueError):
-            fields = json.loads(line)
-            if isinstance(fields, dict) and fields.get("event") in FILL_END_EVENTS:
-                fill_ended.set_result(fields)
-
-
-async def _read_listening(stdout: asyncio.StreamReader, stderr_log: Path) -> str:
-    try:
-        async with asyncio.timeout(PROXY_START_TIMEOUT):
-            while line := await stdout.readline():
-                if m := _LISTENING_RE.search(line.decode(errors="replace")):
-                    return m[1]
-    except TimeoutError:
-        pass
-    tail = (await asyncio.to_thread(stderr_log.read_text, errors="replace"))[-3000:]
-    raise BenchError(f"ocicache did not report its address; stderr:\n{tail}")
-
-
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.read(65536):
-        pass
+        await asyncio.to_thread(server.stop)
 
 
 @contextlib.asynccontextmanager
@@ -564,10 +442,10 @@ async def distribution_proxy(workdir: Path, upstream: str) -> AsyncIterator[Runn
 
 
 def open_proxy(
-    kind: ProxyKind, workdir: Path, upstream: str, loop: LoopKind
+    kind: ProxyKind, workdir: Path, upstream: str, config: BenchConfig
 ) -> contextlib.AbstractAsyncContextManager[RunningProxy]:
     if kind == "ocicache":
-        return ocicache_proxy(workdir, upstream, loop)
+        return ocicache_proxy(workdir, upstream, config.proxy_loop, config.ocicache_args)
     return distribution_proxy(workdir, upstream)
 
 
@@ -625,19 +503,22 @@ async def run_clients(
     ]
     groups: list[Group] = [WorkerGroup(j) if procs > 1 else ClientGroup(j) for j in jobs]
 
-    def sample() -> tuple[float, float, float, float, float]:
+    def sample() -> tuple[float, float, float, float]:
         relay = cpu_seconds(relay_pid) if relay_pid is not None else 0.0
-        own, busy = time.process_time(), machine_task_seconds()
-        return own, cpu_seconds(pid), cpu_seconds(upstream_pid), relay, busy
+        return time.process_time(), cpu_seconds(pid), cpu_seconds(upstream_pid), relay
 
     try:
         await asyncio.gather(*(g.connect() for g in groups))
+        table0, machine0 = process_table(), machine_times()
         before = sample()
         for group in groups:
             await group.go()
         try:
             done = await asyncio.gather(*(g.whole_done() for g in groups))
             after = sample()
+            # Other load: every process outside the harness, and the hypervisor's steal. The
+            # proxy, upstream, relay and clients are all below this process.
+            others = foreign_cpu(table0, process_table()) + (machine_times() - machine0).steal
         finally:
             stalls = await asyncio.gather(*(g.release() for g in groups), return_exceptions=True)
     finally:
@@ -651,18 +532,15 @@ async def run_clients(
     failed = [r.error for r in results + stalled_results if r.error is not None]
     if failed:
         raise BenchError(f"{len(failed)} client(s) failed, first: {failed[0]}")
-    own_cpu, proxy_cpu, upstream_cpu, relay_cpu, busy = (b - a for a, b in zip(before, after, strict=True))
-    # In-process clients use this process's CPU; workers report their own, and this process
-    # only waits for them (what little it spends is still ours, not a neighbour's).
+    own_cpu, proxy_cpu, _upstream_cpu, relay_cpu = (b - a for a, b in zip(before, after, strict=True))
+    # In-process clients use this process's CPU; workers report their own.
     client_cpu = own_cpu if procs <= 1 else sum(cpu for _, cpu in done)
-    ours = proxy_cpu + upstream_cpu + relay_cpu + client_cpu + (own_cpu if procs > 1 else 0.0)
     return ClientRun(
-        results, stalled_results, client_cpu, proxy_cpu, max(0.0, busy - ours),
-        relay_cpu if relay_pid is not None else None,
-    )  # fmt: skip
+        results, stalled_results, client_cpu, proxy_cpu, others, relay_cpu if relay_pid is not None else None
+    )
 
 
-def _result(proxy: ProxyKind, scenario: Scenario, run: ClientRun, peak: int | None) -> RunResult:
+def _result(proxy: ProxyKind, scenario: RunKind, run: ClientRun, peak: int | None) -> RunResult:
     ttfbs = run.ttfbs()
     return RunResult(
         proxy=proxy,
@@ -724,7 +602,7 @@ async def _one_proxy_run(
     # distribution fetches once per client it streams to and once more to store the blob.
     timeout = run_timeout(config, layer.size, whole + stalled + 1)
     try:
-        async with open_proxy(kind, workdir, upstream.url, config.proxy_loop) as proxy:
+        async with open_proxy(kind, workdir, upstream.url, config) as proxy:
 
             async def measure(stalling: int) -> ClientRun:
                 async with asyncio.timeout(timeout):
@@ -740,6 +618,8 @@ async def _one_proxy_run(
             min_gets = await proxy.settle(session)
             # Read before the warm run, which reuses this process and could raise its peak.
             peak = peak_rss(proxy.pid)
+            if peak is None:
+                raise BenchError(f"{kind} exited during the run")
             traffic = await upstream_traffic(registry, mark, layer.digest, min_gets, session)
             row = _result(kind, "stalled" if stalled else "cold", cold, peak)
             row.upstream_gets, row.upstream_bytes = len(traffic.get_bytes), sum(traffic.get_bytes)
@@ -771,7 +651,8 @@ def machine_info(config: BenchConfig, registry_version: str) -> dict[str, str]:
         "cpu": cpu,
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "ocicache loop": config.proxy_loop,
+        "ocicache loop": config.proxy_loop
+        + (f", flags {' '.join(config.ocicache_args)}" if config.ocicache_args else ""),
         "clients": (
             f"aiohttp {aiohttp.__version__} on uvloop in {config.client_procs} worker processes"
             if config.client_procs > 1
@@ -828,7 +709,8 @@ async def _one_pass(
 async def _run(config: BenchConfig, root: Path, say: Callable[[str], None]) -> Report:
     started = time.monotonic()
     say(f"building a {config.size / MiB:g} MiB layer")
-    layer, image_config, manifest = await asyncio.to_thread(make_big_image, config.size)
+    image = await asyncio.to_thread(make_image, (config.size,))
+    (layer,) = image.layers
     registry = await asyncio.to_thread(start_registry, root / "upstream")
     upstream = Upstream(registry)
     try:
@@ -838,9 +720,7 @@ async def _run(config: BenchConfig, root: Path, say: Callable[[str], None]) -> R
             )
             # Pushes go direct: only the proxies' traffic crosses the shaped link.
             say(f"pushing {layer.digest} ({layer.size} bytes) to {registry.url}")
-            await push_blob(session, registry.url, REPO, layer)
-            await push_blob(session, registry.url, REPO, image_config)
-            await push_manifest(session, registry.url, REPO, "latest", manifest, OCI_MANIFEST)
+            await push_image(session, registry.url, image)
             if config.upstream_rate is not None:
                 link = ShaperProcess((LOOPBACK, registry.port), config.upstream_rate)
                 upstream.link = await stack.enter_async_context(link)
@@ -858,7 +738,10 @@ async def _run(config: BenchConfig, root: Path, say: Callable[[str], None]) -> R
                     break
                 pass_started = time.monotonic()
                 say(f"pass {rep} of {config.repeat}")
-                report.runs += await _one_pass(config, root, upstream, layer, session, say)
+                runs = await _one_pass(config, root, upstream, layer, session, say)
+                for run in runs:
+                    run.rep = rep
+                report.runs += runs
                 report.repetitions = rep
                 longest_pass = max(longest_pass, time.monotonic() - pass_started)
             return report
@@ -1036,7 +919,7 @@ def _clients(text: str) -> tuple[int, ...]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtests.bench_coldblob", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m loadtests.fanout", description=__doc__.split("\n")[0])
     p.add_argument("--size-mib", type=float, default=200.0, help="layer payload size in MiB (default 200)")
     p.add_argument("--clients", type=_clients, default=(1, 4, 20), help="client counts (default 1,4,20)")
     p.add_argument("--out", type=Path, help="also write the markdown report here")
@@ -1052,6 +935,12 @@ def parser() -> argparse.ArgumentParser:
         help="client processes (default: one per CPU; 1 runs the clients in this process)",
     )
     p.add_argument("--proxy-loop", choices=("uvloop", "asyncio"), default="uvloop", help="ocicache's loop")
+    p.add_argument(
+        "--ocicache-arg",
+        action="append",
+        default=[],
+        help="one more flag for ocicache, repeatable (e.g. --ocicache-arg=--config --ocicache-arg=FILE)",
+    )
     p.add_argument(
         "--upstream-mbps",
         type=float,
@@ -1080,6 +969,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stalled=max(0, min(ns.stalled, 200)),
         warm=not ns.no_warm,
         proxy_loop=ns.proxy_loop,
+        ocicache_args=tuple(ns.ocicache_arg),
         client_procs=max(1, min(ns.client_procs, 64)),
         repeat=max(1, min(ns.repeat, 50)),
         deadline=ns.deadline,
@@ -1098,7 +988,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             report = runner.run(run_benchmark(config, progress))
         except (BenchError, ClientError, ShaperError, TimeoutError) as exc:
-            print(f"bench_coldblob: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"fanout: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
     text = report.markdown()
     print(text)

@@ -1,19 +1,16 @@
-"""The cold-blob benchmark (loadtests/bench_coldblob.py) runs end to end: a small blob, one
-and two clients, ocicache only, with the upstream reached directly and through the shaped link.
-It checks the report's shape and single-flight accounting, never timings (those belong to the
-benchmark run itself, on a quiet machine)."""
+"""The cold fan-out engine (loadtests/fanout.py) runs end to end: a small blob, one and two
+clients, ocicache only, with the upstream reached directly and through the shaped link. It checks
+the report's shape and single-flight accounting, never timings (those belong to the benchmark run
+itself, on a quiet machine)."""
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import os
 from pathlib import Path
 
 import pytest
 
-from loadtests.bench_coldblob import BenchConfig, run_benchmark
-from loadtests.shaper import MB, Counters, Relay
+from loadtests.fanout import BenchConfig, run_benchmark
+from loadtests.shaper import MB
 
 MiB = 1024 * 1024
 # Response heads (a few hundred bytes each) of the handful of requests a cold run makes.
@@ -89,32 +86,3 @@ async def test_shaped_link_carries_the_one_upstream_fetch(tmp_path: Path) -> Non
     text = report.markdown()
     assert "shaped to 20 MB/s each way" in text
     assert "| ocicache | cold | 2 | 1 | 1.00 |" in text
-
-
-async def test_relay_passes_both_directions_intact_and_counts_them() -> None:
-    """The relay itself: bytes arrive unchanged each way, the end of a stream is passed on
-    (the server answers only after it), and the counters hold exactly what was relayed."""
-    request = os.urandom(300 * 1024)
-    answer = os.urandom(3 * MiB)
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        got = await reader.read()  # to EOF: the relay must pass the client's half-close on
-        writer.write(hashlib.sha256(got).digest() + answer)
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        async with Relay(("127.0.0.1", port), 100 * MB) as relay:
-            reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
-            writer.write(request)
-            await writer.drain()
-            writer.write_eof()
-            reply = await asyncio.wait_for(reader.read(), 30)
-            writer.close()
-            assert reply == hashlib.sha256(request).digest() + answer
-            assert relay.counters == Counters(down=len(reply), up=len(request), connections=1)
-    finally:
-        server.close()
-        await server.wait_closed()
