@@ -116,6 +116,13 @@ class Generator:
                     f"/v2/{name}/blobs/{_pick(rng, t.manifests)}",
                 ],
             )
+        if kind < 8 and rng.random() < 0.25:
+            # The referrers API: a manifest's, a blob's, a junk subject, and artifactType filters.
+            subject = _pick(rng, [*t.manifests, *t.blobs, "sha256:" + "0" * 64, "latest", "sha256:x"])
+            query = _pick(
+                rng, ["", "?artifactType=application/x", "?artifactType=", "?artifactType=%00" * 50]
+            )
+            return f"/v2/{name}/referrers/{subject}{query}"
         if kind < 8:
             query = _pick(
                 rng,
