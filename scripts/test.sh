@@ -7,8 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real parts the tests drive: the upstream registry (CNCF distribution), the clients, and the
-# servers the benchmarks compare against. python3-venv: Debian ships venv without ensurepip.
-DEBS=(python3 python3-venv docker-registry skopeo docker.io containerd apache2-utils nginx-light curl wrk zsh)
+# servers the benchmarks compare against, and Redis for replicas. python3-venv: Debian ships venv
+# without ensurepip.
+DEBS=(python3 python3-venv docker-registry skopeo docker.io containerd apache2-utils nginx-light curl wrk zsh redis-server)
 missing=()
 for pkg in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

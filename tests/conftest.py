@@ -23,6 +23,7 @@ from proxy.web import keys
 from proxy.web.app import create_app
 from proxy.web.runner import AppRunner
 from tests.support.fake_upstream import FakeUpstream
+from tests.support.redisserver import RedisServer
 from tests.support.registry import Registry, running_registry
 
 configure("warning", "console")
@@ -97,6 +98,9 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
         server = ProxyTestServer(create_app(settings), host="127.0.0.1", port=0)
         await server.start_server(ssl=ssl_context)
         servers.append(server)
+        cluster = server.app.get(keys.CLUSTER)
+        if cluster is not None and settings.cluster.advertise is None:
+            cluster.advertise(f"{server.scheme}://127.0.0.1:{server.port}")  # as serve does
         return Proxy(server, settings)
 
     yield start
@@ -108,6 +112,13 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
 def registry(tmp_path: Path) -> Iterator[Registry]:
     with running_registry(tmp_path / "registry") as reg:
         yield reg
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """Debian's redis-server on a loopback port of its own, for replicas to share."""
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
 
 
 @pytest.fixture

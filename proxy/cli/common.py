@@ -87,6 +87,8 @@ def flags(ns: argparse.Namespace) -> dict[str, Any]:
         "log_level": "log_level",
         "log_format": "log_format",
         "offline": "offline",
+        "cluster.redis": "redis",
+        "cluster.advertise": "advertise",
     }
     return {key: getattr(ns, attr, None) for key, attr in names.items()}
 

@@ -13,9 +13,10 @@ from aiohttp import web
 
 from proxy.cli.common import UPSTREAM_HELP
 from proxy.core.authconfig import TlsConfig
+from proxy.core.clusterconfig import advertised
 from proxy.core.config import Settings
 from proxy.core.configvalues import ConfigError
-from proxy.web import tls
+from proxy.web import keys, tls
 from proxy.web.app import create_app
 from proxy.web.runner import AppRunner
 
@@ -41,6 +42,17 @@ def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_const",
         const=True,
         help="never connect to any upstream: serve what the cache holds, whatever its age",
+    )
+    s.add_argument(
+        "--redis",
+        metavar="URL",
+        help="share state with other replicas through this Redis (redis://, rediss://, unix://); "
+        "needs cluster.token_env",
+    )
+    s.add_argument(
+        "--advertise",
+        metavar="URL",
+        help="the URL other replicas reach this one at (default: from --listen)",
     )
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
     s.add_argument("--log-format", choices=("json", "console"), help="default json")
@@ -100,10 +112,16 @@ async def serve(settings: Settings, ssl_context: ssl.SSLContext | None = None) -
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     scheme = "https" if ssl_context is not None else "http"
+    cluster = app.get(keys.CLUSTER)
+    if cluster is not None and settings.cluster.advertise is None and runner.addresses:
+        # The port is known only now (--listen :0).
+        host, port, *_ = runner.addresses[0]
+        cluster.advertise(advertised(settings.cluster, host, port, tls=ssl_context is not None))
     for host, port, *_ in runner.addresses:
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
         log.info(
             "listening",
+            advertise=None if cluster is None else cluster.me,
             url=f"{scheme}://{shown}:{port}",
             cache_dir=str(settings.cache_dir),
             offline=settings.offline,

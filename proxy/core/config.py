@@ -17,6 +17,7 @@ from typing import Any, Final
 from yarl import URL
 
 from proxy.core.authconfig import AuthConfig, TlsConfig, check_rule_upstreams, parse_auth, parse_tls
+from proxy.core.clusterconfig import CLUSTER_KEYS, ClusterConfig, parse_cluster
 from proxy.core.configvalues import (
     ConfigError,
     load_yaml,
@@ -25,6 +26,7 @@ from proxy.core.configvalues import (
     parse_fraction,
     parse_int,
     parse_listen,
+    parse_mapping,
     parse_optional_seconds,
     parse_path,
     parse_seconds,
@@ -146,6 +148,8 @@ class Settings:
     docker_config: Path | None = None
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig | None = None
+    # Replicas sharing state through Redis (off without cluster.redis).
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
     def default_upstream(self) -> UpstreamConfig:
@@ -334,8 +338,11 @@ PARSERS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "docker_config": parse_path,
     "auth": parse_auth,
     "tls": parse_tls,
+    "cluster": parse_cluster,
 }
 _FIELD_OF: Final = {"max_cache_size": "max_cache_bytes"}
+# Keys of mapping settings that flags may set one at a time ("cluster.redis": --redis).
+_NESTED_FLAGS: Final = {"cluster": ("redis", "advertise")}
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -364,6 +371,16 @@ def build(*layers: Mapping[str, Any]) -> Settings:
     merged: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
+            outer, dot, inner = key.partition(".")
+            if dot and outer in _NESTED_FLAGS and inner in _NESTED_FLAGS[outer]:
+                # A flag for one key of a mapping (--redis is cluster.redis): it overrides that
+                # key and keeps the rest of the mapping from the file or the environment.
+                if value is not None:
+                    below = merged.get(outer) or {}
+                    if isinstance(below, str):
+                        below = parse_mapping(outer, below, CLUSTER_KEYS)
+                    merged[outer] = {**below, inner: value}
+                continue
             if key not in PARSERS:
                 raise ConfigError(key, f"unknown setting (known: {', '.join(PARSERS)})")
             if value is not None:

@@ -1,3 +1,3 @@
-"""What a request means over store and upstream: single-flight fills, manifests and tags, cross-
-repository access. Imports store, upstream, core.
+"""What a request means over store, upstream and cluster: single-flight fills, manifests and
+tags, cross-repository access. Imports store, upstream, cluster, core.
 """

@@ -27,7 +27,7 @@ import shutil
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import structlog
 
@@ -37,6 +37,10 @@ from proxy.flows.fill import Fill, State
 from proxy.flows.window import Window
 from proxy.store.cache import BlobCache
 from proxy.upstream.client import BlobStream, retryable
+from proxy.upstream.source import BlobSource
+
+if TYPE_CHECKING:
+    from proxy.flows.sourcing import FillSource
 
 log = structlog.get_logger("ocicache.fills")
 
@@ -85,17 +89,28 @@ class DiskFull(Exception):
 
 
 class Download:
-    def __init__(self, fill: Fill, write_fd: int, cache: BlobCache, plan: Plan) -> None:
+    def __init__(
+        self, fill: Fill, write_fd: int, cache: BlobCache, plan: Plan, sources: FillSource | None = None
+    ) -> None:
         self.fill = fill
         self.write_fd = write_fd
         self.cache = cache
         self.plan = plan
         self.hasher = hashlib.new(fill.digest.algorithm)
+        # In a cluster, where the bytes come from (a peer, or upstream under a lease), which
+        # may change mid-way; None: always upstream.
+        self.sources = sources
+        self._streams: dict[int, tuple[BlobStream, BlobSource, int]] = {}
+        if sources is not None:
+            sources.interrupt = self._interrupt
 
     async def run(self) -> str:
         """Fetch every byte; returns the hex digest of what arrived (the caller compares)."""
         fill = self.fill
         ranged_end = self.plan.chunk if self.plan.connections > 1 else None
+        if self.sources is not None and self.sources.is_peer(await self.sources.current()):
+            # A peer is one fast stream away (and its own fill may be one stream): no parts.
+            ranged_end = None
         first = await self._open(0, ranged_end, failures=[0])
         total = first.total
         parallel = False
@@ -127,19 +142,55 @@ class Download:
         """A stream from ``start`` (to ``end``), retrying what may be retried."""
         fill = self.fill
         while True:
+            sources = self.sources
+            source: BlobSource = fill.upstream if sources is None else await sources.current()
+            generation = 0 if sources is None else sources.generation
             try:
-                stream = await fill.upstream.open_blob(fill.repository, fill.digest, start, end)
+                stream = await source.open_blob(fill.repository, fill.digest, start, end)
             except OciError as err:
+                if sources is not None and await sources.failed(source, err):
+                    failures[0] = 0  # a new source gets its own tries
+                    continue
                 if not retryable(err) or failures[0] >= self.plan.retries:
                     raise
                 failures[0] += 1
                 await _backoff(failures[0])
                 continue
-            fill.upstream_gets += 1
+            if sources is not None and sources.is_peer(source):
+                fill.peer_gets += 1
+            else:
+                fill.upstream_gets += 1
             if fill.size is not None and stream.total is not None and stream.total != fill.size:
                 stream.close()
-                raise OciError(Code.UPSTREAM_ERROR, "upstream changed the blob's size")
+                raise OciError(Code.UPSTREAM_ERROR, f"{source.name} changed the blob's size")
+            self._streams[id(stream)] = (stream, source, generation)
             return stream
+
+    def _close(self, stream: BlobStream) -> None:
+        self._streams.pop(id(stream), None)
+        stream.close()
+
+    def _interrupt(self) -> None:
+        """The source changed under us (our lease is another's now): stop reading from it."""
+        for stream, _, _ in list(self._streams.values()):
+            stream.close()
+
+    async def _switched(self, stream: BlobStream | None, err: OciError) -> bool:
+        """Did ``stream`` fail because its source is no longer ours to read (a peer that
+        failed, a lease lost)? Then the part goes on from a newly chosen source."""
+        if self.sources is None or stream is None:
+            return False
+        opened = self._streams.get(id(stream))
+        if opened is None:
+            return False
+        _, source, generation = opened
+        if generation != self.sources.generation:
+            return True
+        return await self.sources.failed(source, err)
+
+    def _from_peer(self, stream: BlobStream) -> bool:
+        opened = self._streams.get(id(stream))
+        return opened is not None and self.sources is not None and self.sources.is_peer(opened[1])
 
     async def _room_for(self, size: int) -> bool:
         try:
@@ -159,6 +210,7 @@ class Download:
         while not part.complete:
             if stream is None:
                 stream = await self._open(part.reached, part.end, failures)
+            from_peer = self._from_peer(stream)
             try:
                 # An upstream that ignored our Range starts earlier: drop what we have.
                 skip = part.reached - stream.start
@@ -166,6 +218,10 @@ class Download:
                     raise OciError(Code.UPSTREAM_ERROR, "upstream answered the wrong range")
                 async for chunk in stream.chunks(WRITE_BATCH):
                     fill.received += len(chunk)
+                    if from_peer:
+                        fill.peer_received += len(chunk)
+                        assert self.sources is not None
+                        self.sources.progress()
                     if skip:
                         cut = min(skip, len(chunk))
                         chunk, skip = chunk[cut:], skip - cut
@@ -183,12 +239,18 @@ class Download:
                     if part.complete:
                         break
                 if not part.complete and stream.end < part.end and part.reached >= stream.end:
-                    stream.close()
+                    self._close(stream)
                     stream = None  # it ended where it said it would: ask for the rest
                     continue
                 if not part.complete:
                     raise OciError(Code.UNAVAILABLE, "upstream body ended early")
             except OciError as err:
+                if await self._switched(stream, err):
+                    failures[0] = 0
+                    log.info(
+                        "fill_source_changed", digest=str(fill.digest), at=part.reached, reason=err.message
+                    )
+                    continue  # the finally below lets the stream go; the next source resumes
                 if not retryable(err) or failures[0] >= self.plan.retries:
                     raise
                 failures[0] += 1
@@ -203,7 +265,7 @@ class Download:
                 await _backoff(failures[0])
             finally:
                 if stream is not None:
-                    stream.close()
+                    self._close(stream)
                     stream = None
 
     async def _stream_unsized(self, stream: BlobStream) -> None:
@@ -216,7 +278,7 @@ class Download:
                 fill.streamed += len(chunk)
                 fill.announce()
         finally:
-            stream.close()
+            self._close(stream)
 
     # --- parallel parts ----------------------------------------------------------------------
 

@@ -73,6 +73,12 @@ class Fill:
         self._users = 0
         self._waiters: list[asyncio.Future[None]] = []
         self.task: asyncio.Task[None] | None = None
+        # Whether the bytes come from upstream (True) or a peer replica (False); None until the
+        # fill has chosen (:mod:`proxy.flows.sourcing`), which sets ``sourced``.
+        self.from_upstream: bool | None = None
+        self.sourced = asyncio.Event()
+        self.peer_gets = 0
+        self.peer_received = 0
 
     @property
     def written(self) -> int:
@@ -128,6 +134,16 @@ class Fill:
         if self.verified or self.coverage is None:
             return False
         return self.coverage.far_from(pos, gap)
+
+    async def sourced_from_upstream(self, timeout: float) -> bool:
+        """Is this fill fetching from upstream (not from a peer)? Waits for it to choose."""
+        if not self.sourced.is_set():
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.sourced.wait()
+            except TimeoutError:
+                return False
+        return bool(self.from_upstream) and self.state is not State.FAILED
 
     async def started(self) -> int | None:
         """Wait until the upstream answered; returns the blob's size if upstream told it."""

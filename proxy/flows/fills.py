@@ -23,6 +23,7 @@ from proxy.core.errors import Code, OciError
 from proxy.core.reference import Digest
 from proxy.flows.download import DISK_FULL, Download, Plan
 from proxy.flows.fill import Fill, State
+from proxy.flows.sourcing import Sourcing
 from proxy.flows.window import Window
 from proxy.store.cache import BlobCache
 from proxy.store.storage import Storage
@@ -45,6 +46,7 @@ class Fills:
         cancel_abandoned: bool,
         on_commit: Callable[[Fill], Awaitable[None]] | None = None,
         on_finish: Callable[[Fill], None] | None = None,
+        sourcing: Sourcing | None = None,
     ) -> None:
         self.storage = storage
         self.cache = cache
@@ -52,6 +54,8 @@ class Fills:
         self.cancel_abandoned = cancel_abandoned
         self.on_commit = on_commit
         self.on_finish = on_finish
+        # In a cluster: peers and leases decide where each fill's bytes come from.
+        self.sourcing = sourcing
         self._fills: dict[Digest, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Called with every fill a reader joins (after it counted the reader): for observers
@@ -110,6 +114,10 @@ class Fills:
 
     async def _run(self, fill: Fill) -> None:
         write_fd = -1
+        sources = None if self.sourcing is None else self.sourcing.for_fill(fill)
+        if sources is None:
+            fill.from_upstream = True
+            fill.sourced.set()
         try:
             try:
                 write_fd, fill.read_fd = await asyncio.to_thread(_open_pair, fill.temp)
@@ -118,7 +126,7 @@ class Fills:
                     raise
                 # Not even an empty file fits: every byte goes through the memory window.
                 fill.window = Window(0, stall=self.plan.stall)
-            got = await Download(fill, write_fd, self.cache, self.plan).run()
+            got = await Download(fill, write_fd, self.cache, self.plan, sources).run()
             if got != fill.digest.hex:
                 log.error(
                     "digest_mismatch",
@@ -126,7 +134,10 @@ class Fills:
                     upstream=fill.upstream.name,
                     repository=fill.repository,
                     got=f"{fill.digest.algorithm}:{got}",
+                    peers=sorted(sources.peers_used) if sources is not None and fill.peer_received else None,
                 )
+                if sources is not None and fill.peer_received:
+                    await sources.distrust_peers()
                 raise OciError(Code.UPSTREAM_ERROR, "upstream blob does not match its digest")
             fill.size = fill.written
             fill.verified = True
@@ -183,7 +194,10 @@ class Fills:
                 # Readers hold the read fd, not the path: unlinking now loses nothing of theirs.
                 fill.temp.unlink(missing_ok=True)
             fill.maybe_close_reader()
+            fill.sourced.set()
             fill.announce()
+            if sources is not None:
+                await sources.end(fill.committed)
             if self.on_finish is not None:
                 self.on_finish(fill)
 

@@ -31,6 +31,7 @@ from typing import Final, Literal
 import structlog
 from cachetools import LRUCache
 
+from proxy.cluster.cluster import Cluster
 from proxy.core.config import Settings
 from proxy.core.errors import Code, OciError
 from proxy.core.mediatypes import (
@@ -65,7 +66,7 @@ ANSWERS_PER_TAG: Final = 8
 # What we fall back to when stale content may be served instead of an upstream failure.
 _SERVE_STALE_ON: Final = frozenset({Code.UNAVAILABLE, Code.UPSTREAM_ERROR, Code.TOOMANYREQUESTS})
 
-Source = Literal["hit", "miss", "stale", "revalidated", "offline"]
+Source = Literal["hit", "miss", "stale", "revalidated", "offline", "shared"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +110,15 @@ def _bounded(answers: dict[str, TagAnswer]) -> dict[str, TagAnswer]:
 
 class ManifestStore:
     def __init__(
-        self, storage: Storage, catalogue: Catalogue, cache: BlobCache, access: Access, settings: Settings
+        self,
+        storage: Storage,
+        catalogue: Catalogue,
+        cache: BlobCache,
+        access: Access,
+        settings: Settings,
+        cluster: Cluster | None = None,
     ) -> None:
+        self.cluster = cluster
         self.storage = storage
         self.catalogue = catalogue
         self.cache = cache
@@ -159,7 +167,14 @@ class ManifestStore:
         return body, info.media_type
 
     async def keep(
-        self, upstream: UpstreamClient, repository: str, body: bytes, digest: Digest, media_type: str
+        self,
+        upstream: UpstreamClient,
+        repository: str,
+        body: bytes,
+        digest: Digest,
+        media_type: str,
+        *,
+        share: bool = True,
     ) -> None:
         """Store a verified manifest fetched through ``repository``: its rows first, then its
         file. A failure (a full disk) is logged; the caller serves the body all the same."""
@@ -178,7 +193,10 @@ class ManifestStore:
             self.catalogue.index_manifest(key, info)
             self.cache.note_added()
         self._bodies[key] = body
-        await self.access.remember(upstream.name, repository, digest)
+        # ``share``: fetched from upstream just now (not another replica's copy).
+        await self.access.remember(upstream.name, repository, digest, share=share)
+        if share and self.cluster is not None:
+            await self.cluster.records.put_manifest(key, body, media_type)
 
     # --- lookups -----------------------------------------------------------------------------
 
@@ -210,6 +228,15 @@ class ManifestStore:
                 return Served(body, media_type, digest, len(body), "hit")
         if upstream.offline:
             raise _offline(Code.MANIFEST_UNKNOWN, {"digest": str(digest)})
+        if self.cluster is not None:
+            shared = await self._shared_body(digest)
+            if shared is not None:
+                # Another replica fetched it, maybe through another repository: this one's
+                # access is checked as for a manifest we hold.
+                await self.access.check(upstream, repository, digest, manifest=True)
+                body, media_type = shared
+                await self.keep(upstream, repository, body, digest, media_type, share=False)
+                return Served(body, media_type, digest, len(body), "shared")
         accept = upstream_accept(accepted_types(accept_headers))
         reply = await upstream.manifest("GET", repository, str(digest), accept)
         if not verify_body(reply.body, digest):
@@ -259,6 +286,13 @@ class ManifestStore:
                 return ours("offline")
         if upstream.offline:
             raise _offline(Code.MANIFEST_UNKNOWN, {"tag": tag})
+        cluster = self.cluster
+        if cluster is not None:
+            shared = await self._shared_tag(upstream, key, answers, wanted)
+            if shared is not None:
+                return shared
+            if not (answer and stored) and await cluster.records.absent(upstream.name, repository, tag):
+                raise OciError(Code.MANIFEST_UNKNOWN, "not found upstream", {"tag": tag, "recently": True})
 
         accept = upstream_accept(wanted)
         try:
@@ -268,9 +302,12 @@ class ManifestStore:
                 if probe.digest is not None and probe.digest == answer.digest:
                     answers[accept_key(wanted)] = TagAnswer(answer.digest, answer.media_type, time.time())
                     await self.catalogue.put_answers(key, _bounded(answers))
+                    await self._share_answers(key, answers)
                     return ours("revalidated")
             reply = await upstream.manifest("GET", repository, tag, accept)
         except OciError as err:
+            if cluster is not None and err.code is Code.MANIFEST_UNKNOWN:
+                await cluster.records.put_absent(upstream.name, repository, tag)
             if answer and stored and err.code in _SERVE_STALE_ON:
                 log.warning(
                     "manifest_served_stale",
@@ -301,7 +338,63 @@ class ManifestStore:
             # Only an answer we can serve again is kept (a manifest we could not store is not).
             answers[accept_key(wanted)] = TagAnswer(str(digest), media_type, time.time())
             await self.catalogue.put_answers(key, _bounded(answers))
+            await self._share_answers(key, answers)
         return Served(reply.body, media_type, digest, reply.size, "miss")
+
+    # --- shared with the other replicas ------------------------------------------------------
+
+    async def _share_answers(self, key: TagKey, answers: dict[str, TagAnswer]) -> None:
+        if self.cluster is not None:
+            await self.cluster.records.put_answers(*key, _bounded(answers))
+
+    async def _shared_body(self, digest: Digest) -> tuple[bytes, str] | None:
+        """A manifest another replica stored in Redis: its bytes checked against the digest, its
+        type read from them (a record is a hint, never trusted as it is)."""
+        assert self.cluster is not None
+        found = await self.cluster.records.manifest(str(digest))
+        if found is None or not verify_body(found[0], digest):
+            return None
+        try:
+            return found[0], manifest_type(found[0])
+        except NotAManifest:
+            return None
+
+    async def _shared_tag(
+        self,
+        upstream: UpstreamClient,
+        key: TagKey,
+        answers: dict[str, TagAnswer],
+        wanted: frozenset[str] | None,
+    ) -> Served | None:
+        """A fresh answer another replica got for this tag, served as ours (and kept)."""
+        assert self.cluster is not None
+        remote = await self.cluster.records.answers(*key)
+        if not remote:
+            return None
+        merged = dict(answers)
+        for accept, theirs in remote.items():
+            if accept not in merged or merged[accept].fetched < theirs.fetched:
+                merged[accept] = theirs
+        chosen = choose_answer(merged, wanted)
+        ttl = self.settings.ttl_for(upstream.cfg, key[2])
+        if chosen is None or (ttl is not None and time.time() - chosen.fetched >= ttl):
+            return None
+        try:
+            digest = Digest.parse(chosen.digest)
+        except OciError:
+            return None
+        stored = await self.load(digest)
+        if stored is None:
+            stored = await self._shared_body(digest)
+            if stored is None:
+                return None
+            await self.keep(upstream, key[1], stored[0], digest, stored[1], share=False)
+        body, media_type = stored
+        if not accepts(wanted, media_type):
+            return None
+        if self.held(digest) is not None:
+            await self.catalogue.put_answers(key, _bounded(merged))
+        return Served(body, media_type, digest, len(body), "shared")
 
 
 def _offline(code: Code, detail: dict[str, object]) -> OciError:

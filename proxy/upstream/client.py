@@ -14,10 +14,11 @@ It owns tokens, redirects and timeouts, and translates every third-party excepti
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import aiohttp
 import structlog
@@ -108,6 +109,14 @@ class Sessions:
     blobs: aiohttp.ClientSession
 
 
+class TokenShare(Protocol):
+    """Upstream tokens other replicas fetched, per upstream, identity and scope (a cluster)."""
+
+    async def get(self, upstream: str, who: str, scope: str) -> tuple[str, float] | None: ...
+
+    async def put(self, upstream: str, who: str, scope: str, value: str, seconds: float) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ManifestReply:
     body: bytes  # empty for HEAD
@@ -133,8 +142,12 @@ class UpstreamClient:
         sessions: Sessions,
         settings: Settings,
         stored_credentials: tuple[str, str] | None = None,
+        shared_tokens: TokenShare | None = None,
     ) -> None:
         self.cfg = cfg
+        self._shared_tokens = shared_tokens
+        # Which credentials a shared token belongs to, without naming them.
+        self._who = hashlib.sha256(f"{cfg.url}\n{cfg.username or ''}".encode()).hexdigest()[:16]
         self.name = cfg.name
         self.url = URL(cfg.url)
         self._session = sessions.api
@@ -178,7 +191,7 @@ class UpstreamClient:
             return f"Bearer {token.value}"
         return self._basic
 
-    async def _authenticate(self, challenge: Challenge, scope: str) -> None:
+    async def _authenticate(self, challenge: Challenge, scope: str, refused: str | None = None) -> None:
         creds = await self.credentials()
         if challenge.scheme == "basic":
             if creds is None:
@@ -203,6 +216,13 @@ class UpstreamClient:
             token = self._tokens.get(scope)
             if token is not None and token.fresh():
                 return
+            if self._shared_tokens is not None:
+                shared = await self._shared_tokens.get(self.name, self._who, scope)
+                if shared is not None and shared[0] != refused:
+                    # Another replica's token for the same credentials and scope.
+                    self._tokens[scope] = Token(shared[0], time.monotonic() + shared[1])
+                    if self._tokens[scope].fresh():
+                        return
             headers = {"Authorization": basic_header(*creds)} if creds else {}
             url = token_request_url(challenge, scope)
             try:
@@ -218,10 +238,15 @@ class UpstreamClient:
                 raise OciError(
                     Code.UPSTREAM_ERROR, "token answer is not JSON", {"upstream": self.name}
                 ) from exc
-            token = parse_token_response(body, time.monotonic())
+            now = time.monotonic()
+            token = parse_token_response(body, now)
             if token is None:
                 raise OciError(Code.UPSTREAM_ERROR, "token answer has no token", {"upstream": self.name})
             self._tokens[scope] = token
+            if self._shared_tokens is not None:
+                await self._shared_tokens.put(
+                    self.name, self._who, scope, token.value, token.expires_at - now
+                )
 
     # --- requests --------------------------------------------------------------------------
 
@@ -299,8 +324,8 @@ class UpstreamClient:
             if challenge is None:
                 raise OciError(Code.DENIED, "upstream denied access", {"upstream": self.name})
             # A 401 with a token we already had means it expired or was revoked: get a new one.
-            self._tokens.pop(scope, None)
-            await self._authenticate(challenge, scope)
+            had = self._tokens.pop(scope, None)
+            await self._authenticate(challenge, scope, refused=None if had is None else had.value)
         raise AssertionError("unreachable")
 
     def _note_ratelimit(self, resp: aiohttp.ClientResponse) -> None:
@@ -359,26 +384,10 @@ class UpstreamClient:
                 timeout=self._blob_timeout,
                 blob=True,
             )
-            if resp.status == 200:
-                start, stop = 0, None
-            elif resp.status == 206 and "Range" in headers:
-                span = _content_range(resp.headers.get("Content-Range", ""))
-                if span is None or span[0] > offset:
-                    resp.release()
-                    raise OciError(Code.UPSTREAM_ERROR, "bad Content-Range", {"upstream": self.name})
-                start, stop = span
-            else:
-                err = status_error(self.name, resp, Code.BLOB_UNKNOWN)
-                resp.release()
-                raise err
+            return blob_stream(self.name, resp, offset, "Range" in headers, self.blob_slots)
         except BaseException:
             self.blob_slots.release()
             raise
-        total = _total_size(resp, start)
-        stream_end = stop if stop is not None else (total if total is not None else -1)
-        return BlobStream(
-            self.name, resp, start, total, self.blob_slots, end=stream_end, ranged=stop is not None
-        )
 
     async def blob_exists(self, repository: str, digest: Digest) -> bool:
         return await self._exists(f"/v2/{repository}/blobs/{digest}", repository, {})
@@ -564,6 +573,28 @@ async def read_body(resp: aiohttp.ClientResponse, limit: int, upstream: str, wha
             raise OciError(Code.UPSTREAM_ERROR, f"upstream {what} too large", {"upstream": upstream})
         parts.append(chunk)
     return b"".join(parts)
+
+
+def blob_stream(
+    source: str, resp: aiohttp.ClientResponse, offset: int, asked_range: bool, slots: Slots
+) -> BlobStream:
+    """The stream a blob GET's answer is, from ``offset`` (if ``asked_range``); raises the OCI
+    error its status means (and releases it). The caller releases ``slots`` on an error."""
+    if resp.status == 200:
+        start, stop = 0, None
+    elif resp.status == 206 and asked_range:
+        span = _content_range(resp.headers.get("Content-Range", ""))
+        if span is None or span[0] > offset:
+            resp.release()
+            raise OciError(Code.UPSTREAM_ERROR, "bad Content-Range", {"upstream": source})
+        start, stop = span
+    else:
+        err = status_error(source, resp, Code.BLOB_UNKNOWN)
+        resp.release()
+        raise err
+    total = _total_size(resp, start)
+    stream_end = stop if stop is not None else (total if total is not None else -1)
+    return BlobStream(source, resp, start, total, slots, end=stream_end, ranged=stop is not None)
 
 
 def _is_tags_list(body: bytes) -> bool:

@@ -16,7 +16,7 @@ from yarl import URL
 from proxy.core import jsontext
 from proxy.core.config import Settings
 from proxy.upstream import credentials
-from proxy.upstream.client import Sessions, UpstreamClient
+from proxy.upstream.client import Sessions, TokenShare, UpstreamClient
 from proxy.upstream.resolver import GuardedResolver
 
 log = structlog.get_logger("ocicache.upstream")
@@ -28,8 +28,11 @@ READ_BUFSIZE: Final = 2 * 1024 * 1024
 
 
 @asynccontextmanager
-async def upstream_clients(settings: Settings) -> AsyncIterator[dict[str, UpstreamClient]]:
-    """One client per configured upstream, sharing two pools, closed on exit."""
+async def upstream_clients(
+    settings: Settings, shared_tokens: TokenShare | None = None
+) -> AsyncIterator[dict[str, UpstreamClient]]:
+    """One client per configured upstream, sharing two pools, closed on exit; ``shared_tokens``:
+    tokens the replicas of a cluster share."""
     auths = await asyncio.to_thread(_read_docker_config, settings.docker_config)
     resolver = GuardedResolver(trusted_hosts(settings))
     sessions = Sessions(
@@ -39,7 +42,9 @@ async def upstream_clients(settings: Settings) -> AsyncIterator[dict[str, Upstre
     )
     try:
         yield {
-            u.name: UpstreamClient(u, sessions, settings, credentials.lookup(auths, u.name, u.url))
+            u.name: UpstreamClient(
+                u, sessions, settings, credentials.lookup(auths, u.name, u.url), shared_tokens
+            )
             for u in settings.upstreams
         }
     finally:

@@ -18,7 +18,7 @@ from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError, code_for_status, error_response
 from proxy.flows.engine import running
 from proxy.flows.fills import Fill, State
-from proxy.web import gate, guard, handlers, keys, login, setup
+from proxy.web import gate, guard, handlers, keys, login, peering, setup
 from proxy.web.metrics import CONTENT_TYPE, Metrics
 
 log = structlog.get_logger("ocicache.access")
@@ -48,6 +48,10 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
     metrics.requests.labels(kind, cache, str(status)).inc()
     sent = request.get(keys.SENT, 0)
     metrics.served_bytes.labels(cache).inc(sent)
+    if keys.PEER in request and kind == "blobs" and status in (200, 206) and not request.get(keys.ABORTED):
+        cluster = request.app[keys.CLUSTER]
+        cluster.note("peer_served_blobs")
+        cluster.note("peer_served_bytes", sent)
     log.info(
         "request",
         method=request.method,
@@ -99,7 +103,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             outcome = fill.error.code.value if fill.error else "failed"
         metrics.fills.labels(outcome).inc()
 
-    async with running(app[keys.SETTINGS], on_fill_finish=on_finish) as engine:
+    async with running(app[keys.SETTINGS], on_fill_finish=on_finish, serving=True) as engine:
         app[keys.ENGINE] = engine
         app[keys.STORAGE] = engine.storage
         app[keys.CACHE] = engine.cache
@@ -109,6 +113,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         app[keys.MANIFESTS] = engine.manifests
         app[keys.REFERRERS] = engine.referrers
         app[keys.UPSTREAMS] = engine.upstreams
+        if engine.cluster is not None:
+            app[keys.CLUSTER] = cluster = engine.cluster
+            events = metrics.cluster_events
+            cluster.observers.append(lambda event, amount: events.labels(event).inc(amount))
+            metrics.cluster_redis_up.set(1 if cluster.up else 0)
+            cluster.state.observers.append(lambda up: metrics.cluster_redis_up.set(1 if up else 0))
         yield
 
 
@@ -123,6 +133,9 @@ async def _pins(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings) -> web.Application:
     middlewares: list[Middleware] = [errors_and_access_log]
+    if settings.cluster.enabled:
+        # Before client auth: a peer's request proves itself with the cluster token instead.
+        middlewares.append(peering.middleware())
     if settings.auth.enabled:
         # Inside the error middleware, so refusals get the envelope and a log line.
         middlewares.append(gate.middleware(public=(metrics_endpoint, healthz, setup.setup, login.token)))

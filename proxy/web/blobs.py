@@ -17,6 +17,7 @@ download's verified whole ever enters the cache.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from typing import Final
 
@@ -26,6 +27,7 @@ from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 
 from proxy.core.errors import Code, OciError
+from proxy.core.peering import MISS_HEADER
 from proxy.core.ranges import ByteRange, parse_ranges
 from proxy.core.reference import Digest
 from proxy.flows.fill import Fill, FillFailed
@@ -122,6 +124,7 @@ async def blob(
     same_fetch = running is not None and running.upstream is client and running.repository == repository
     if (digest in cache or running is not None) and not same_fetch:
         await request.app[keys.ACCESS].check(client, repository, digest)
+    peer = request.get(keys.PEER)
     if digest in cache:
         try:
             fd, size = await cache.open(digest)
@@ -132,6 +135,8 @@ async def blob(
                 return await _serve_cached(request, digest, fd, size)
             finally:
                 cache.release(digest, fd)
+    if peer is not None:
+        return await _serve_peer(request, digest)
     if client.offline and running is None:
         detail = {"digest": str(digest), "offline": True}
         raise OciError(Code.BLOB_UNKNOWN, "not cached, and the proxy is offline", detail)
@@ -143,6 +148,39 @@ async def blob(
             return Body(request, digest, upstream_size).resp
     fill, started = fills.join(digest, client, repository)
     request[keys.CACHE_RESULT] = "miss" if started else "join"
+    try:
+        return await _serve_fill(request, fill)
+    finally:
+        fills.leave(fill)
+
+
+async def _serve_peer(request: web.Request, digest: Digest) -> web.StreamResponse:
+    """A peer asks for a blob we do not hold: it may tail our fill only if that fill fetches from
+    upstream (we hold its lease). We never fetch for a peer, nor pass on what we get from
+    another peer: a peer asks the lease holder, and followers asking each other could go round
+    in a circle."""
+    fills = request.app[keys.FILLS]
+    cluster = request.app[keys.CLUSTER]
+    running = fills.get(digest)
+    upstream = running is not None and await running.sourced_from_upstream(2 * cluster.lease_ttl)
+    if running is not None and fills.get(digest) is not running:
+        # It ended while it chose: committed (then it is in the cache) or failed.
+        cache = request.app[keys.CACHE]
+        if digest in cache:
+            with contextlib.suppress(FileNotFoundError):
+                fd, size = await cache.open(digest)
+                try:
+                    return await _serve_cached(request, digest, fd, size)
+                finally:
+                    cache.release(digest, fd)
+        upstream = False
+    if running is None or not upstream:
+        request[keys.CACHE_RESULT] = "peer-miss"
+        raise OciError(
+            Code.BLOB_UNKNOWN, "this replica neither holds nor fetches it", headers={MISS_HEADER: "1"}
+        )
+    fill, _ = fills.join(digest, running.upstream, running.repository)
+    request[keys.CACHE_RESULT] = "join"
     try:
         return await _serve_fill(request, fill)
     finally:
@@ -172,7 +210,7 @@ async def _serve_fill(request: web.Request, fill: Fill) -> web.StreamResponse:
         # sending bypasses; wait for the verified whole instead (registries rarely do this).
         size = await fill.finished()
     settings = request.app[keys.SETTINGS]
-    if ranged(request) and settings.verified_ranges_only:
+    if ranged(request) and settings.verified_ranges_only and request.get(keys.PEER) is None:
         await fill.finished()
     body = Body(request, fill.digest, size, verified=not ranged(request) or fill.verified)
     if body.multipart and not fill.verified:
@@ -205,6 +243,8 @@ async def _relay(request: web.Request, fill: Fill, body: Body) -> web.StreamResp
     that range; the caller waits for the download instead."""
     assert body.ranges is not None and len(body.ranges) == 1
     rng = body.ranges[0]
+    if fill.from_upstream is False:
+        return None  # its bytes come from a peer: only the lease holder asks upstream
     try:
         stream = await fill.upstream.open_blob(fill.repository, fill.digest, rng.first, rng.end)
     except OciError:

@@ -9,6 +9,7 @@ from aiohttp import web
 from cachetools import LRUCache
 
 from proxy.airgap.prefetch import PrefetchReport
+from proxy.cluster.cluster import Cluster
 from proxy.core.config import Settings
 from proxy.core.reference import PathRequest
 from proxy.core.routing import Route
@@ -42,6 +43,8 @@ PINS_FETCH: Final = web.AppKey("pins_fetch", asyncio.Task[PrefetchReport | None]
 # (raw path, ns) -> what it asks for and of which upstream: a pure function of the key, for
 # one app (its upstreams are fixed), remembered because pulls repeat the same few paths.
 RESOLVED: Final = web.AppKey("resolved", LRUCache[tuple[str, str | None], tuple[PathRequest, Route]])
+# Only with cluster.redis.
+CLUSTER: Final = web.AppKey("cluster", Cluster)
 # Only when auth: is configured.
 GUARD: Final[web.AppKey[Guard]] = web.AppKey("guard")
 
@@ -50,5 +53,7 @@ KIND: Final = web.RequestKey("kind", str)
 CACHE_RESULT: Final = web.RequestKey("cache", str)
 SENT: Final = web.RequestKey("sent", int)
 ABORTED: Final = web.RequestKey("aborted", bool)
+# A request from a peer replica (carried the cluster token): the URL it says it is.
+PEER: Final = web.RequestKey("peer", str)
 # The verified user name (None: anonymous); never a credential.
 USER: Final[web.RequestKey[str | None]] = web.RequestKey("user")

@@ -58,5 +58,18 @@ class Metrics:
             registry=r,
         )
 
+        self.cluster_events = Counter(
+            "ocicache_cluster",
+            "Replica events: leases taken, lost and taken over; blobs and bytes served to and "
+            "fetched from peers; peers that sent bad bytes; peer requests refused",
+            ["event"],
+            registry=r,
+        )
+        self.cluster_redis_up = Gauge(
+            "ocicache_cluster_redis_up",
+            "1 while Redis answers (replicas share state), 0 while this replica runs on alone",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
