@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aiohttp.web_runner import BaseRunner
+from hypothesis import HealthCheck, settings
 
 from proxy.cli.logs import configure
 from proxy.core.config import Settings, UpstreamConfig
@@ -27,6 +28,13 @@ from tests.support.redisserver import RedisServer
 from tests.support.registry import Registry, running_registry
 
 configure("warning", "console")
+
+# Property tests: a bounded number of examples each, so the suite stays quick; no deadline,
+# since a per-example time limit is a timing assertion on a shared machine.
+settings.register_profile(
+    "ocicache", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("ocicache")
 
 
 class ProxyTestServer(TestServer):

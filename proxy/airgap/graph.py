@@ -10,12 +10,12 @@ wherever they are fetched or read.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from proxy.core import jsontext
 from proxy.core.mediatypes import NotAManifest, is_index, manifest_type
 
 _DIGEST_RE: Final = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
@@ -100,7 +100,7 @@ def _descriptors(entries: Any) -> tuple[Descriptor, ...]:
 def children(body: bytes) -> Children:
     """The descriptors a manifest points at; raises NotAManifest if it is not one."""
     media_type = manifest_type(body)
-    doc = json.loads(body)
+    doc = jsontext.loads(body)  # manifest_type has read it once: it parses
     if is_index(media_type):
         return Children(media_type, manifests=_descriptors(doc.get("manifests")))
     if "fsLayers" in doc:

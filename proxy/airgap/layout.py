@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from proxy.airgap.graph import Descriptor, descriptor
+from proxy.core import jsontext
 from proxy.core.errors import OciError
 from proxy.core.mediatypes import OCI_INDEX
 from proxy.core.reference import DIGEST_HEX, Digest
@@ -55,8 +56,8 @@ def layout_file() -> bytes:
 
 def check_layout_file(body: bytes) -> None:
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        doc = jsontext.loads(body)
+    except ValueError:
         raise LayoutError("oci-layout is not JSON") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("imageLayoutVersion"), str):
         raise LayoutError("oci-layout has no imageLayoutVersion")
@@ -79,8 +80,8 @@ def parse_index_json(body: bytes) -> list[Entry]:
     if len(body) > INDEX_JSON_MAX:
         raise LayoutError(f"index.json is larger than {INDEX_JSON_MAX} bytes")
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        doc = jsontext.loads(body)
+    except ValueError:
         raise LayoutError("index.json is not JSON") from None
     if (
         not isinstance(doc, dict)

@@ -179,7 +179,9 @@ def parse_tls(key: str, value: Any) -> TlsConfig:
         if not spec.get(needed):
             raise ConfigError(f"{key}.{needed}", "required (a PEM file)")
     paths = {
-        name: Path(str(spec[name])).expanduser() for name in ("cert", "key", "client_ca") if spec.get(name)
+        name: parse_path(f"{key}.{name}", spec[name])
+        for name in ("cert", "key", "client_ca")
+        if spec.get(name)
     }
     for name, path in paths.items():
         if not path.is_file():

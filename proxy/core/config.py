@@ -14,13 +14,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
 from yarl import URL
 
 from proxy.core.authconfig import AuthConfig, TlsConfig, check_rule_upstreams, parse_auth, parse_tls
 from proxy.core.clusterconfig import CLUSTER_KEYS, ClusterConfig, parse_cluster
 from proxy.core.configvalues import (
     ConfigError,
+    load_yaml,
     parse_bool,
     parse_choice,
     parse_fraction,
@@ -134,6 +134,14 @@ class Settings:
     # A Range request during a download is answered as the bytes arrive, before the digest is
     # checked (what lazy pullers need), unless this makes it wait for the verified whole.
     verified_ranges_only: bool = False
+    # Client connections. A request's head (and a body the proxy reads) must arrive within
+    # header_timeout of its first byte; a connection with no request under way is closed after
+    # idle_timeout; one address (an IPv6 /64) may hold max_connections_per_address (0: no
+    # limit); a connection is closed after max_requests_per_connection answers.
+    header_timeout: float = 15.0
+    idle_timeout: float = 60.0
+    max_connections_per_address: int = 256
+    max_requests_per_connection: int = 1000
     log_level: str = "info"
     # auto: a readable console format when stderr is a terminal, JSON lines otherwise.
     log_format: str = "auto"
@@ -172,6 +180,15 @@ class Settings:
 
 
 # --- parsing of single values; each raises ConfigError naming the key -------------------------
+
+
+def parse_positive_seconds(key: str, value: Any) -> float:
+    seconds = parse_seconds(key, value)
+    if seconds <= 0:
+        # 0 would close every connection at once, not turn the limit off.
+        raise ConfigError(key, f"must be more than 0 seconds, got {value!r}")
+    return seconds
+
 
 _UPSTREAM_NAME: Final = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]{1,5})?|_default")
 
@@ -226,7 +243,11 @@ def parse_upstream(key: str, name: str, spec: Any) -> UpstreamConfig:
         return None if value is None else parse_text(f"{where}.{field_name}", value)
 
     raw_url = text("url") or ""
-    url = URL(raw_url)
+    try:
+        url = URL(raw_url)
+        url.host, url.port  # noqa: B018  (yarl reads the netloc lazily; make it here)
+    except ValueError:
+        raise ConfigError(f"{where}.url", f"not a URL: {raw_url!r}") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise ConfigError(f"{where}.url", f"expected an http(s) URL, got {spec.get('url')!r}")
     if url.user is not None or url.password is not None:
@@ -327,6 +348,10 @@ PARSERS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "fill_chunk": parse_size,
     "lazy_range_gap": parse_size,
     "verified_ranges_only": parse_bool,
+    "header_timeout": parse_positive_seconds,
+    "idle_timeout": parse_positive_seconds,
+    "max_connections_per_address": lambda k, v: parse_int(k, v, maximum=1_000_000),
+    "max_requests_per_connection": lambda k, v: parse_int(k, v, minimum=1, maximum=10_000_000),
     "log_level": parse_choice(("debug", "info", "warning", "error")),
     "log_format": parse_choice(("auto", "json", "console")),
     "docker_config": parse_path,
@@ -360,11 +385,12 @@ def admin_token(settings: Settings, environ: Mapping[str, str]) -> str | None:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except OSError as exc:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError("config", f"{path} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("config", f"{path} is not UTF-8 text") from None
+    data = load_yaml("config", text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -151,7 +151,25 @@ def parse_listen(key: str, value: Any) -> tuple[str, int]:
 
 
 def parse_path(key: str, value: Any) -> Path:
-    return Path(parse_text(key, value)).expanduser()
+    text = parse_text(key, value)
+    if not text or "\x00" in text:
+        # The OS refuses a NUL in a path, with a ValueError at first use: refuse it here.
+        raise ConfigError(key, f"not a path: {value!r}")
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # "~someone" for a user the system does not know
+        raise ConfigError(key, f"cannot expand {text!r}: no such user's home directory") from None
+
+
+def load_yaml(key: str, text: str, source: str = "the value") -> Any:
+    """A YAML document; nesting too deep for the parser (``[[[[...``) is malformed like any
+    other error, not a RecursionError."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(key, f"{source} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(key, f"{source} is not valid YAML: nested too deeply") from None
 
 
 def parse_choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
@@ -166,10 +184,7 @@ def parse_choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
 def parse_mapping(key: str, value: Any, known: set[str]) -> Mapping[str, Any]:
     if isinstance(value, str):
         # From the environment: a YAML flow mapping, OCICACHE_AUTH='{htpasswd: /etc/htpasswd}'.
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ConfigError(key, "expected a mapping") from None
+        value = load_yaml(key, value)
     if not isinstance(value, Mapping):
         raise ConfigError(key, "expected a mapping")
     unknown = set(map(str, value)) - known

@@ -38,6 +38,8 @@ class Code(Enum):
     REQUEST_INVALID = "REQUEST_INVALID"
     # Not in the spec: a change refused by what the cache holds (a pinned image, a config pin).
     CONFLICT = "CONFLICT"
+    # Not in the spec: a request whose head (or a body we read) did not arrive in time.
+    REQUEST_TIMEOUT = "REQUEST_TIMEOUT"
     # Not in the spec: the upstream answered something we cannot use (5xx, garbage, loops).
     UPSTREAM_ERROR = "UPSTREAM_ERROR"
     # distribution uses UNAVAILABLE for 503; we use it when the upstream cannot be reached.
@@ -61,6 +63,7 @@ STATUS: Final[dict[Code, int]] = {
     Code.RANGE_INVALID: 416,
     Code.REQUEST_INVALID: 400,
     Code.CONFLICT: 409,
+    Code.REQUEST_TIMEOUT: 408,
     Code.UPSTREAM_ERROR: 502,
     Code.UNAVAILABLE: 503,
     Code.UNKNOWN: 500,
@@ -71,6 +74,7 @@ STATUS: Final[dict[Code, int]] = {
 # each. A status with no code of its own is a request we could not read (4xx) or our fault.
 _CODE_OF_STATUS: Final[dict[int, Code]] = {
     404: Code.NAME_UNKNOWN,
+    408: Code.REQUEST_TIMEOUT,
     405: Code.UNSUPPORTED,
     416: Code.RANGE_INVALID,
     429: Code.TOOMANYREQUESTS,
@@ -114,4 +118,8 @@ def envelope(code: Code, message: str, detail: Any = None) -> bytes:
 def error_response(err: OciError) -> web.Response:
     """The response for ``err``. For HEAD, aiohttp sends these headers and drops the body."""
     headers = {"Content-Type": "application/json; charset=utf-8", **err.headers}
-    return web.Response(status=err.status, body=envelope(err.code, err.message, err.detail), headers=headers)
+    resp = web.Response(status=err.status, body=envelope(err.code, err.message, err.detail), headers=headers)
+    if err.code is Code.REQUEST_TIMEOUT:
+        # Part of the request never came: nothing after it on this connection can be read.
+        resp.force_close()
+    return resp

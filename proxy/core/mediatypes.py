@@ -18,11 +18,12 @@ the bytes are.
 from __future__ import annotations
 
 import functools
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
+
+from proxy.core import jsontext
 
 OCI_INDEX: Final = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST: Final = "application/vnd.oci.image.manifest.v1+json"
@@ -127,7 +128,7 @@ def manifest_type(body: bytes) -> str:
     image manifest. Schema 1 is recognised by ``fsLayers`` (signed when it has signatures).
     """
     try:
-        doc = json.loads(body)
+        doc = jsontext.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise NotAManifest("not JSON") from exc
     if not isinstance(doc, dict):
@@ -164,7 +165,7 @@ def describe(body: bytes) -> Described:
     """Read the references out of a manifest already known to be one (see
     :func:`manifest_type`); malformed entries are skipped, never trusted."""
     try:
-        doc = json.loads(body)
+        doc = jsontext.loads(body)
     except (ValueError, UnicodeDecodeError):
         return Described()
     if not isinstance(doc, dict):

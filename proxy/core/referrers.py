@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from proxy.core import jsontext
 from proxy.core.errors import Code, OciError
 from proxy.core.mediatypes import (
     DOCKER_SCHEMA1,
@@ -109,8 +110,8 @@ def parse_index(body: bytes) -> tuple[list[Descriptor], int]:
     """The valid descriptors of an image index, and how many entries were dropped; raises
     :class:`NotAnIndex` for anything that is not one (an HTML page, an image manifest)."""
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        doc = jsontext.loads(body)
+    except ValueError as exc:
         raise NotAnIndex("not JSON") from exc
     if not isinstance(doc, dict) or doc.get("schemaVersion") != 2:
         raise NotAnIndex("not a schemaVersion 2 document")
@@ -128,8 +129,8 @@ def of_manifest(body: bytes, digest: str, media_type: str, artifact_type: str | 
     with its artifactType (``artifact_type``, as :func:`~proxy.core.mediatypes.describe` read it:
     the manifest's own, else its config's media type) and every annotation it carries."""
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        doc = jsontext.loads(body)
+    except ValueError:
         return None
     entry: dict[str, Any] = {"mediaType": media_type, "digest": digest, "size": len(body)}
     if artifact_type is not None:
@@ -173,8 +174,8 @@ def encode(descriptors: Iterable[Descriptor]) -> str:
 def decode(text: str) -> tuple[Descriptor, ...]:
     """What :func:`encode` stored, checked again (the database is a file anyone may edit)."""
     try:
-        entries = json.loads(text)
-    except (ValueError, RecursionError):
+        entries = jsontext.loads(text)
+    except ValueError:
         return ()
     if not isinstance(entries, list):
         return ()

@@ -51,6 +51,21 @@ def pull_scope(repository: str) -> str:
     return f"repository:{repository}:pull"
 
 
+def peer_url(text: str, base: URL | None = None, *, encoded: bool = False) -> URL | None:
+    """A URL an upstream sent (a redirect's ``Location``, a token realm), resolved against
+    ``base``; None when it cannot be read. yarl raises ValueError for an unclosed IPv6 bracket
+    or a port past 65535, which a hostile upstream turned into a 500; callers refuse None as
+    they refuse an address they may not use."""
+    try:
+        url = URL(text, encoded=encoded)
+        url = url if base is None else base.join(url)
+        # yarl splits an encoded netloc lazily: make it do so here, not in a caller.
+        url.raw_host, url.port  # noqa: B018
+    except ValueError:
+        return None
+    return url
+
+
 def token_request_url(challenge: Challenge, scope: str) -> URL:
     realm = URL(challenge.params["realm"])
     query = dict(realm.query)

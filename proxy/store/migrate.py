@@ -12,13 +12,13 @@ of upstream again.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import sqlite3
 from typing import Any
 
 import structlog
 
+from proxy.core import jsontext
 from proxy.core.mediatypes import MANIFEST_MAX, accept_key, describe, is_index
 from proxy.core.reference import Digest
 from proxy.store.reconcile import MANIFEST, encode_list
@@ -56,7 +56,7 @@ def migrate_records(conn: sqlite3.Connection, storage: Storage) -> int:
     count = 0
     for path in sorted(records.glob("*.json")):
         try:
-            data = json.loads(path.read_bytes())
+            data = jsontext.loads(path.read_bytes())
         except (OSError, ValueError):
             continue
         if not isinstance(data, dict) or not isinstance(data.get("key"), str):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import structlog
 from cachetools import LRUCache
 from yarl import URL
 
+from proxy.core import jsontext
 from proxy.core.config import Settings, UpstreamConfig
 from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError
@@ -44,6 +44,7 @@ from proxy.core.upstreamauth import (
     basic_header,
     parse_challenge,
     parse_token_response,
+    peer_url,
     pull_scope,
     realm_allowed,
     redirect_allowed,
@@ -267,7 +268,9 @@ class UpstreamClient:
             return
         if challenge.scheme != "bearer" or not challenge.realm:
             raise self.bad_answer(failures.TOKEN, "unsupported upstream challenge")
-        realm = URL(challenge.realm)
+        realm = peer_url(challenge.realm)
+        if realm is None:
+            raise self.bad_answer(failures.TOKEN, "upstream token realm is not a URL")
         if not realm_allowed(realm, self.url, self.cfg.realm_hosts):
             log.warning("token_realm_refused", upstream=self.name, realm_host=realm.host)
             raise OciError(
@@ -298,7 +301,7 @@ class UpstreamClient:
                     self.observer.exchanged(self.name, failures.TOKEN, time.monotonic() - started)
                     if resp.status != 200:
                         raise await self.refusal(resp, Code.NAME_UNKNOWN, failures.TOKEN)
-                    body = json.loads(await read_body(resp, TOKEN_MAX, self.name, "token answer"))
+                    body = jsontext.loads(await read_body(resp, TOKEN_MAX, self.name, "token answer"))
             except _TRANSPORT_ERRORS as exc:
                 raise self.unreachable(exc, failures.TOKEN, _host_of(url)) from exc
             except ValueError as exc:
@@ -344,7 +347,9 @@ class UpstreamClient:
                     self.health.succeeded()
                 return resp
             resp.release()
-            target = url.join(URL(location, encoded=True))
+            target = peer_url(location, url, encoded=True)
+            if target is None:
+                raise self.bad_answer(operation, "upstream redirected to an address that is not a URL")
             if not redirect_allowed(target, self.url):
                 log.warning("redirect_refused", upstream=self.name, target_host=target.host)
                 raise self.bad_answer(operation, "upstream redirected to a forbidden address")
@@ -695,7 +700,7 @@ def blob_stream(
 def _is_tags_list(body: bytes) -> bool:
     """``{"name": ..., "tags": [...]}`` (distribution sends ``null`` for no tags)."""
     try:
-        doc = json.loads(body)
+        doc = jsontext.loads(body)
     except (ValueError, UnicodeDecodeError):
         return False
     return isinstance(doc, dict) and (doc.get("tags") is None or isinstance(doc["tags"], list))

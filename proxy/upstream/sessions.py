@@ -4,7 +4,6 @@ configured upstream, with the credentials configuration and ``docker_config`` gi
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +13,7 @@ import aiohttp
 import structlog
 from yarl import URL
 
+from proxy.core import jsontext
 from proxy.core.config import Settings
 from proxy.upstream import credentials
 from proxy.upstream.client import Sessions, TokenShare, UpstreamClient
@@ -66,7 +66,7 @@ def _read_docker_config(path: Path | None) -> dict[str, credentials.Credentials]
     if path is None:
         return {}
     try:
-        return credentials.parse_auths(json.loads(path.read_bytes()))
+        return credentials.parse_auths(jsontext.loads(path.read_bytes()))
     except (OSError, ValueError) as exc:
         log.warning("docker_config_unreadable", path=str(path), error=str(exc))
         return {}

@@ -137,11 +137,13 @@ async def tags(request: web.Request, client: UpstreamClient, repository: str) ->
 
 
 def tags_page(names: list[str], n: int, last: str | None) -> tuple[list[str], bool]:
-    """A page of sorted tag ``names`` after ``last``, at most ``n``; and whether more follow."""
+    """A page of sorted tag ``names`` after ``last``, at most ``n``; and whether a next page
+    follows it (never after an empty page, ``n=0``: it has no last tag to continue from)."""
     ordered = sorted(names)
     if last is not None:
         ordered = [t for t in ordered if t > last]
-    return ordered[:n], len(ordered) > n
+    page = ordered[:n]
+    return page, bool(page) and len(ordered) > n
 
 
 def _routing(request: web.Request) -> dict[str, str]:

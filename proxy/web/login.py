@@ -17,6 +17,7 @@ when its token does.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 from aiohttp import hdrs, web
@@ -32,7 +33,12 @@ async def token(request: web.Request) -> web.Response:
     principal: Principal | None
     if request.method == hdrs.METH_POST:
         try:
-            form = await request.post()
+            # A body trickled in byte by byte would hold this handler for as long as the
+            # client likes: it gets the time a request head gets.
+            async with asyncio.timeout(request.app[keys.SETTINGS].header_timeout):
+                form = await request.post()
+        except TimeoutError:
+            raise OciError(Code.REQUEST_TIMEOUT, "token request body not received in time") from None
         except (ValueError, web.HTTPRequestEntityTooLarge):
             # A login that is not one: refused like any other, never an error of ours.
             raise guard.unauthorized(request, "malformed token request") from None

@@ -123,6 +123,14 @@ class Metrics:
             registry=r,
         )
         self.fills = Counter("ocicache_fills", "Finished blob downloads by outcome", ["outcome"], registry=r)
+
+        self.connections = Gauge("ocicache_connections", "Client connections open", registry=r)
+        self.connections_refused = Counter(
+            "ocicache_connections_refused",
+            "Client connections closed by a limit: address_limit, header_timeout",
+            ["reason"],
+            registry=r,
+        )
         self.auth_failures = Counter(
             "ocicache_auth_failures",
             "Client logins refused: invalid credentials, or an address out of attempts",

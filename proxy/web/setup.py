@@ -107,13 +107,19 @@ def registries_conf(proxy: str, upstreams: Sequence[str], *, tls: bool = False) 
 def buildkitd_toml(proxy: str, upstreams: Sequence[str], *, tls: bool = False) -> str:
     """``/etc/buildkit/buildkitd.toml``. BuildKit resolves through containerd's resolver, so
     the mirror gets ``?ns=<registry>`` as with containerd; the proxy's own entry says HTTP."""
+    own = (
+        ['  # ca = ["/etc/buildkit/ocicache-ca.crt"]  # a private CA']
+        if tls
+        else ["  http = true", "  insecure = true"]
+    )
     lines = [f"# buildkitd.toml: pull through ocicache at {proxy}"]
     for name in upstreams:
         lines += ["", f"[registry.{_q(name)}]", f"  mirrors = [{_q(proxy)}]"]
-    if tls:
-        lines += ["", f"[registry.{_q(proxy)}]", '  # ca = ["/etc/buildkit/ocicache-ca.crt"]  # a private CA']
-    else:
-        lines += ["", f"[registry.{_q(proxy)}]", "  http = true", "  insecure = true"]
+        if name == proxy:
+            # One table per name: TOML refuses a second [registry."<proxy>"].
+            lines += own
+    if proxy not in upstreams:
+        lines += ["", f"[registry.{_q(proxy)}]", *own]
     return "\n".join(lines) + "\n"
 
 

@@ -156,6 +156,19 @@ async def test_a_huge_index_json_is_refused_before_it_is_read(
         await refused(engine, path, "index.json is", "more than")
 
 
+@pytest.mark.parametrize("member", ["oci-layout", "index.json"])
+async def test_json_nested_too_deeply_is_refused(
+    open_engine: OpenEngine, tmp_path: Path, member: str
+) -> None:
+    # oci-layout's parse raised RecursionError (a traceback for the user), not a refusal.
+    _, members = whole()
+    members = [(n, b"[" * 100_000 if n == member else d) for n, d in members]
+    path = tmp_path / "deep.tar"
+    path.write_bytes(tar_bytes(members))
+    async with open_engine(UPSTREAMS) as engine:
+        await refused(engine, path, member)
+
+
 @pytest.mark.parametrize("lie", ["size", "media type", "reference digest"])
 async def test_descriptors_that_lie_are_refused(open_engine: OpenEngine, tmp_path: Path, lie: str) -> None:
     layout = Layout()

@@ -156,6 +156,14 @@ def test_password_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         # Credentials in a URL would be written in clear text wherever the URL is shown.
         ({"upstreams": {"a.io": "http://user:secret@127.0.0.1:5000"}}, "upstreams.a.io.url"),
         ({"upstreams": ["a.io=https://user:secret@r.example"]}, "upstreams.a.io.url"),
+        # Found by tests/core/test_properties.py: each was a traceback (ValueError,
+        # RecursionError, or a NUL that only failed at the first file operation).
+        ({"upstreams": {"a.io": "http://[::1"}}, "upstreams.a.io.url"),
+        ({"upstreams": {"a.io": "http://h:99999"}}, "upstreams.a.io.url"),
+        ({"cache_dir": "/var/cache/a\x00b"}, "cache_dir"),
+        ({"cache_dir": "~no-such-user-ocicache/x"}, "cache_dir"),
+        ({"auth": "[" * 1000}, "auth"),
+        ({"tls": {"cert": "/x\x00", "key": "/y"}}, "tls.cert"),
     ],
 )
 def test_errors_name_their_key(layer: dict[str, object], key: str, tmp_path: Path) -> None:
@@ -164,9 +172,10 @@ def test_errors_name_their_key(layer: dict[str, object], key: str, tmp_path: Pat
     assert info.value.key == key
 
 
-def test_bad_yaml_is_a_config_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("text", ["listen: [\n", "listen: " + "[" * 1000, "\udcff"])
+def test_bad_yaml_is_a_config_error(tmp_path: Path, text: str) -> None:
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("listen: [\n")
+    cfg.write_bytes(text.encode("utf-8", "surrogateescape"))
     with pytest.raises(ConfigError) as info:
         load(cfg, {}, {})
     assert info.value.key == "config"

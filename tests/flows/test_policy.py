@@ -203,6 +203,31 @@ async def test_a_budget_larger_than_the_disk_is_lowered_to_it(
         assert "budget_exceeds_disk" in capsys.readouterr().err
 
 
+async def test_offline_tags_list_pages_including_n_0(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    image = make_image(seed=102)
+    for tag in ("a", "b", "c"):
+        fake.add_image("library/app", image, tag=tag)
+    cache = tmp_path / "cache"
+    online = await start_proxy({"docker.io": fake.url}, cache_dir=cache)
+    for tag in ("a", "b", "c"):
+        await pull_image(session, online, "library/app", tag, image)
+    await online.server.close()
+    proxy = await start_proxy({"docker.io": fake.url}, cache_dir=cache, offline=True)
+    # n=0 asked for an empty page: there is no last tag to name a next page by (it was a 500).
+    for query, tags, link in (
+        ("n=0", [], None),
+        ("n=2", ["a", "b"], '</v2/library/app/tags/list?n=2&last=b>; rel="next"'),
+        ("n=2&last=b", ["c"], None),
+        ("last=" + "z" * 2000, [], None),
+    ):
+        async with session.get(f"{proxy.url}/v2/library/app/tags/list?{query}") as resp:
+            assert resp.status == 200, query
+            assert json.loads(await resp.read())["tags"] == tags
+            assert resp.headers.get("Link") == link
+
+
 async def test_an_evicted_manifest_takes_its_tags_with_it(
     start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
 ) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from proxy.core.config import UpstreamConfig
 from proxy.upstream import client as upstream_client
@@ -112,3 +113,38 @@ async def test_a_token_answer_over_its_limit_is_refused(
         ) as resp:
             assert resp.status == 502
             assert json.loads(await resp.read())["errors"][0]["code"] == "UPSTREAM_ERROR"
+
+
+# Deeper than json.loads recurses: it raised RecursionError, which no caller expected, and a
+# hostile upstream turned the pull into a 500.
+DEEP = b"[" * 100_000
+
+
+async def test_a_manifest_nested_too_deeply_is_an_upstream_error(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    fake.add_manifest("library/app", DEEP, OCI_MANIFEST, tag="v1")
+    proxy = await start_proxy({"docker.io": fake.url})
+    status, body = await fetch(session, f"{proxy.url}/v2/library/app/manifests/v1")
+    assert status == 502
+    assert json.loads(body)["errors"][0]["code"] == "UPSTREAM_ERROR"
+
+
+async def test_a_tags_list_nested_too_deeply_is_an_upstream_error(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    fake.add_manifest("library/app", make_image(seed=72).manifest, OCI_MANIFEST, tag="v1")
+    proxy = await start_proxy({"docker.io": fake.url})
+    # The fake's tags list is its own JSON; serve the deep one in its place.
+    fake.add_manifest("library/deep", DEEP, OCI_MANIFEST, tag="v1")
+    original = fake._tags_list
+
+    async def deep_tags(request: web.Request, name: str) -> web.StreamResponse:
+        if name == "library/deep":
+            return web.Response(body=DEEP, content_type="application/json")
+        return await original(request, name)
+
+    fake._tags_list = deep_tags  # type: ignore[method-assign]
+    status, body = await fetch(session, f"{proxy.url}/v2/library/deep/tags/list")
+    assert status == 502
+    assert json.loads(body)["errors"][0]["code"] == "UPSTREAM_ERROR"

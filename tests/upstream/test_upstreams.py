@@ -327,6 +327,40 @@ async def test_redirect_loop_is_502(
         await runner.cleanup()
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        # Addresses yarl cannot read: a bracket left open, a port past 65535.
+        {"status": "307", "Location": "http://[::1/v2/x"},
+        {"status": "302", "Location": "//127.0.0.1:99999/v2/x"},
+        {"status": "401", "WWW-Authenticate": 'Bearer realm="http://[::1/token",service="x"'},
+        {"status": "401", "WWW-Authenticate": 'Bearer realm="http://127.0.0.1:99999/token"'},
+    ],
+)
+async def test_an_upstream_address_that_cannot_be_read_is_502(
+    start_proxy: StartProxy, tmp_path: Path, session: aiohttp.ClientSession, headers: dict[str, str]
+) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        rest = {k: v for k, v in headers.items() if k != "status"}
+        return web.Response(status=int(headers["status"]), headers=rest)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        proxy = await start_with(start_proxy, tmp_path, upstream("r.io", url, username=USER, password=SECRET))
+        for path in ("/v2/app/manifests/v1", "/v2/app/blobs/sha256:" + "a" * 64, "/v2/app/tags/list"):
+            status, body, _ = await get(session, proxy.url + path)
+            assert status == 502, (path, body)
+            assert error_code(body) == "UPSTREAM_ERROR"
+    finally:
+        await runner.cleanup()
+
+
 async def test_rate_limited_upstream(
     start_proxy: StartProxy, fake: FakeUpstream, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:

@@ -8,7 +8,13 @@ import os
 
 import aiohttp
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from yarl import URL
 
+from proxy.core.links import next_link
+from proxy.core.reference import TAG_RE
+from proxy.web.handlers import tags_page
 from tests.conftest import StartProxy, raw_request
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import MANIFEST_ACCEPT, OCI_MANIFEST, make_image
@@ -272,3 +278,33 @@ async def test_the_next_page_link_keeps_the_upstream_a_client_chose(
             url = None if link is None else proxy.url + link.split(";")[0].strip("<>")
         assert tags == [f"t{i}" for i in range(5)]
         assert hub.count(path_contains="/tags/list") == 0
+
+
+# --- tags/list paging, as a pure function: any n and last, and the pages a client walks ------
+
+tag_sets = st.lists(st.from_regex(TAG_RE, fullmatch=True), unique=True, max_size=30)
+
+
+@given(tag_sets, st.integers(0, 12), st.one_of(st.none(), st.text(max_size=12)))
+def test_a_page_is_the_next_n_tags_after_last(names: list[str], n: int, last: str | None) -> None:
+    page, more = tags_page(names, n, last)
+    after = sorted(t for t in names if last is None or t > last)
+    assert page == after[:n]
+    assert more == (bool(page) and len(after) > n)
+
+
+@given(tag_sets, st.integers(1, 12))
+def test_following_next_links_lists_every_tag_once(names: list[str], n: int) -> None:
+    seen: list[str] = []
+    last: str | None = None
+    for _ in range(len(names) + 1):
+        page, more = tags_page(names, n, last)
+        seen += page
+        if not more:
+            break
+        link = next_link(f'<?n={n}&last={page[-1]}>; rel="next"', "/v2/a/tags/list", {"ns": "docker.io"})
+        assert link is not None
+        query = URL(link[1 : link.index(">")]).query
+        assert query["ns"] == "docker.io" and query["n"] == str(n)
+        last = query["last"]
+    assert seen == sorted(names)

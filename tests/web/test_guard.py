@@ -26,6 +26,7 @@ from proxy.web.guard import Guard
 from tests.conftest import Proxy, StartProxy, raw_request
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import MANIFEST_ACCEPT, make_image
+from tests.support.rawhttp import read_response
 
 PASSWORDS = {"ci": "ci-s3cret-pw", "dev": "dev-s3cret-pw"}
 STATIC = {"robot": "robot-token-0123456789abcdef"}
@@ -519,3 +520,26 @@ async def test_hostile_token_requests(start_auth: StartAuth) -> None:
         async with s.session.request(method, url) as resp:
             assert resp.status == 405
     assert (await s.get(s.manifest_url(), basic("ci", PASSWORDS["ci"])))[0] == 200
+
+
+async def test_a_token_request_body_trickled_past_the_header_timeout_is_408(
+    start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    htpasswd = tmp_path / "htpasswd"
+    write_htpasswd(htpasswd, PASSWORDS)
+    auth = parse_auth("auth", {"htpasswd": str(htpasswd)})
+    proxy = await start_proxy({"docker.io": "http://127.0.0.1:9"}, auth=auth, header_timeout=0.2)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port or 0)
+    try:
+        # A whole head promising a body that never comes whole: the handler reading it would
+        # otherwise wait for as long as the client likes.
+        writer.write(
+            b"POST /auth/token HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n\r\ngrant_type=pass"
+        )
+        async with asyncio.timeout(30):
+            resp = await read_response(reader)
+    finally:
+        writer.close()
+    assert resp is not None and resp.status == 408 and resp.closes
+    assert resp.oci_error_codes() == ["REQUEST_TIMEOUT"]

@@ -12,6 +12,8 @@ import tomllib
 
 import pytest
 import yaml
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from proxy.core.errors import Code, OciError
 from proxy.core.hostheader import proxy_address
@@ -249,3 +251,75 @@ async def test_docker_setup_refused_when_docker_hub_is_not_the_default(start_pro
     status, _, body = await _get(proxy.server.port or 0, "/setup/docker", proxy.host)
     assert status == 404
     assert json.loads(body)["errors"][0]["detail"] == {"default": "ghcr.io"}
+
+
+# --- properties: whatever Host a client sends, every file parses back, with nothing injected ---
+
+_ADDRESS_JUNK = ['"', "'", "\\", "\n", "\r\n", "]", "[", "=", "#", " ", ":", "/", "{", "}", ",", "\x00", "é"]
+host_headers = st.one_of(
+    st.from_regex(r"[a-z0-9]([a-z0-9.-]{0,20}[a-z0-9])?(:[0-9]{1,5})?", fullmatch=True),
+    st.from_regex(r"\[[0-9a-f:.]{2,20}\](:[0-9]{1,5})?", fullmatch=True),
+    st.lists(st.one_of(st.sampled_from(_ADDRESS_JUNK), st.text(max_size=4)), max_size=12).map("".join),
+    st.sampled_from(["docker.io", "localhost:5000", "myreg.example:5000"]),  # an upstream's own name
+)
+upstream_names = st.lists(
+    st.one_of(
+        st.from_regex(r"[a-z0-9]+([._-][a-z0-9]+){0,3}(:[0-9]{1,5})?", fullmatch=True),
+        st.sampled_from(["docker.io", "ghcr.io", "localhost:5000", "myreg.example:5000"]),
+    ),
+    min_size=1,
+    max_size=5,
+    unique=True,
+)
+
+
+@given(host_headers, upstream_names, st.booleans())
+# Found by this test: a client reaching the proxy by an upstream's name got a buildkitd.toml
+# with [registry."docker.io"] twice, which TOML refuses.
+@example(host="docker.io", upstreams=["docker.io", "ghcr.io"], tls=False)
+@example(host="localhost:5000", upstreams=["docker.io", "localhost:5000"], tls=True)
+def test_every_file_parses_back_with_only_its_own_keys(host: str, upstreams: list[str], tls: bool) -> None:
+    proxy = proxy_address(host, FALLBACK)
+    scheme = "https" if tls else "http"
+
+    if upstreams[0] == "docker.io":
+        daemon = json.loads(docker_daemon_json(proxy, upstreams, tls=tls))
+        expected: dict[str, object] = {"registry-mirrors": [f"{scheme}://{proxy}"]}
+        if not tls:
+            expected["insecure-registries"] = [proxy]
+        assert daemon == expected
+
+    for registry in [*upstreams, "_default"]:
+        for override in (False, True) if registry != "_default" else (False,):
+            doc = tomllib.loads(
+                containerd_hosts_toml(proxy, registry, upstreams, override_path=override, tls=tls)
+            )
+            url = f"{scheme}://{proxy}" + (f"/v2/{registry}" if override else "")
+            table: dict[str, object] = {"capabilities": ["pull", "resolve"]}
+            if override:
+                table["override_path"] = True
+            assert doc.pop("host") == {url: table}
+            if registry != "_default":
+                server = doc.pop("server")
+                assert isinstance(server, str) and server.startswith("https://")
+            assert doc == {}
+
+    conf = tomllib.loads(registries_conf(proxy, upstreams, tls=tls))
+    mirror: dict[str, object] = {"location": "", **({} if tls else {"insecure": True})}
+    assert conf.get("registry", []) == [
+        {"prefix": name, "location": name, "mirror": [{**mirror, "location": f"{proxy}/{name}"}]}
+        for name in upstreams
+        if ":" not in name
+    ]
+
+    buildkit = tomllib.loads(buildkitd_toml(proxy, upstreams, tls=tls))
+    assert set(buildkit) == {"registry"}
+    registries = buildkit["registry"]
+    assert set(registries) == {*upstreams, proxy}
+    for name in upstreams:
+        assert registries[name]["mirrors"] == [proxy]
+    own = {k: v for k, v in registries[proxy].items() if k != "mirrors"}
+    assert own == ({} if tls else {"http": True, "insecure": True})
+
+    k3s = yaml.safe_load(k3s_registries_yaml(proxy, upstreams, tls=tls))
+    assert k3s == {"mirrors": {name: {"endpoint": [f"{scheme}://{proxy}"]} for name in upstreams}}
