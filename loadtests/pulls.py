@@ -110,20 +110,20 @@ def run(
             sock.sendall(req)
             sock.setblocking(False)
             sel.register(sock, selectors.EVENT_READ, (p, sock))
-        readers = sum(1 for p in pullers if p.kind != "stalled")
+        # Until every whole puller is done and every stalled one has stopped where it stops.
+        readers = len(pullers)
         while readers and time.monotonic() < deadline:
             for key, _ in sel.select(timeout=min(1.0, max(0.0, deadline - time.monotonic()))):
                 p, sock = key.data
                 finished = _step(p, sock, view)
                 if finished or p.error is not None:
-                    sel.unregister(sock)
-                    if p.kind != "stalled":
-                        readers -= 1
+                    sel.unregister(sock)  # a stalled one's connection stays open, unread
+                    readers -= 1
         for p in pullers:
             if p.kind != "stalled" and p.done is None and p.error is None:
                 p.error = f"timed out after {timeout:g} s with {p.received} bytes"
-            if p.kind == "stalled" and p.status == 0 and p.error is None:
-                p.error = "no response head"
+            if p.kind == "stalled" and p.received == 0 and p.error is None:
+                p.error = f"no response in {timeout:g} s"
         for p in pullers:
             if p.hasher is not None and p.done is not None and f"sha256:{p.hasher.hexdigest()}" != digest:
                 p.error = f"bad body: sha256:{p.hasher.hexdigest()}"
