@@ -45,7 +45,7 @@ class Sizes:
     rounds: int
 
 
-FULL: Final = Sizes(100_000, 20_000, 32, 4.0, 2)
+FULL: Final = Sizes(100_000, 20_000, 32, 3.0, 2)
 QUICK: Final = Sizes(2_000, 400, 4, 1.0, 1)
 SMALL: Final = (10, 5)
 
