@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from proxy.core import accounts
 from proxy.core.configvalues import (
@@ -21,9 +21,6 @@ from proxy.core.configvalues import (
     parse_seconds,
     read_setting_file,
 )
-
-if TYPE_CHECKING:
-    from proxy.core.config import UpstreamConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,8 +163,7 @@ def _check_accounts(key: str, path: Path, parse: Callable[[str], object]) -> Non
         raise ConfigError(key, f"{path} {exc}") from None
 
 
-def check_rule_upstreams(auth: AuthConfig, upstreams: tuple[UpstreamConfig, ...], key: str = "auth") -> None:
-    names = [u.name for u in upstreams]
+def check_rule_upstreams(auth: AuthConfig, names: Sequence[str], key: str = "auth") -> None:
     for i, rule in enumerate(auth.rules):
         for name in rule.upstreams or ():
             if name not in names:

@@ -345,7 +345,7 @@ def build(*layers: Mapping[str, Any]) -> Settings:
             parse_image_reference(pin, names, names[0])
         except BadReference as exc:
             raise ConfigError(f"pins[{i}]", str(exc)) from None
-    check_rule_upstreams(settings.auth, settings.upstreams)
+    check_rule_upstreams(settings.auth, [u.name for u in settings.upstreams])
     return settings
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -11,6 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from cachetools import LRUCache
 
+from proxy.airgap.pinfetch import fetch_missing_pins
 from proxy.core.config import Settings
 from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError, code_for_status, error_response
@@ -109,6 +111,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _pins(app: web.Application) -> AsyncIterator[None]:
+    """Pins the cache lacks are fetched in the background while the proxy serves."""
+    task = asyncio.get_running_loop().create_task(fetch_missing_pins(app[keys.ENGINE]), name="pins")
+    app[keys.PINS_FETCH] = task
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 def create_app(settings: Settings) -> web.Application:
     middlewares: list[Middleware] = [errors_and_access_log]
     if settings.auth.enabled:
@@ -119,6 +130,7 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.METRICS] = Metrics()
     app[keys.RESOLVED] = LRUCache(maxsize=8192)
     app.cleanup_ctx.append(_resources)
+    app.cleanup_ctx.append(_pins)
     if settings.auth.enabled:
         app.cleanup_ctx.append(gate.resources)
     app.on_shutdown.append(_stop_fills)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 from cachetools import LRUCache
 
+from proxy.airgap.prefetch import PrefetchReport
 from proxy.core.config import Settings
 from proxy.core.reference import PathRequest
 from proxy.core.routing import Route
@@ -33,6 +35,8 @@ FILLS: Final = web.AppKey("fills", Fills)
 MANIFESTS: Final = web.AppKey("manifests", ManifestStore)
 ACCESS: Final = web.AppKey("access", Access)
 UPSTREAMS: Final = web.AppKey("upstreams", dict[str, UpstreamClient])
+# serve's background fetch of pins the cache lacks (done at once when there are none).
+PINS_FETCH: Final = web.AppKey("pins_fetch", asyncio.Task[PrefetchReport | None])
 # (raw path, ns) -> what it asks for and of which upstream: a pure function of the key, for
 # one app (its upstreams are fixed), remembered because pulls repeat the same few paths.
 RESOLVED: Final = web.AppKey("resolved", LRUCache[tuple[str, str | None], tuple[PathRequest, Route]])

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from proxy.core.config import TagRule, UpstreamConfig
+from proxy.core.reference import Digest
 from proxy.web import keys
 from tests.conftest import Proxy, StartProxy, make_settings
 from tests.support.fake_upstream import FakeUpstream
@@ -198,3 +199,17 @@ async def test_a_budget_larger_than_the_disk_is_lowered_to_it(
         assert proxy.settings.max_cache_bytes == 20 * 1024**3
         assert proxy.app[keys.CACHE].max_bytes <= 4 * MiB
         assert "budget_exceeds_disk" in capsys.readouterr().err
+
+
+async def test_an_evicted_manifest_takes_its_tags_with_it(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    image = make_image(seed=120)
+    fake.add_image("library/app", image, tag="v1")
+    proxy = await start_proxy({"docker.io": fake.url}, tag_ttl=3600.0)
+    assert await get(session, f"{proxy.url}/v2/library/app/manifests/v1") == (200, image.manifest)
+    await proxy.app[keys.CACHE].remove(Digest.parse(image.manifest_digest))
+    assert proxy.app[keys.CATALOGUE].answers(("docker.io", "library/app", "v1")) == {}
+    # The tag is a miss now, not an error: fetched again although its TTL has not run out.
+    assert await get(session, f"{proxy.url}/v2/library/app/manifests/v1") == (200, image.manifest)
+    assert fake.count(method="GET", path_contains="/manifests/v1") == 2

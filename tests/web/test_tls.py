@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from proxy.cli.main import reload_tls
+from proxy.cli.serve import reload_tls
 from proxy.core.authconfig import TlsConfig
 from proxy.core.configvalues import ConfigError
 from proxy.web import tls
