@@ -155,7 +155,7 @@ async def cached_blob(ctx: Context, size: int) -> AsyncIterator[CachedBlob]:
         stack.callback(upstream.stop)
         ctx.server(upstream)
         async with aiohttp.ClientSession() as session:
-            await push_file_blob(session, upstream.url(), file)
+            await push_file_blob(session, upstream.url(), file, digest)
         yield CachedBlob(ctx, stack, file, digest, size, upstream)
 
 

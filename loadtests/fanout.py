@@ -12,7 +12,8 @@ Everything runs on this machine, over 127.0.0.1 only:
 * proxy ``distribution``: distribution's own pull-through proxy, with fresh storage per run;
 * with ``--upstream-mbps X``, a link between the proxies and the upstream: a relay that passes
   X MB/s in total, however many connections share it (:mod:`loadtests.shaper`), standing in for
-  the slow site uplink a pull-through cache is for. Without it they reach the upstream directly.
+  the slow site uplink a pull-through cache is for; with ``--per-connection``, X MB/s for each
+  connection (a CDN's cap per stream). Without it they reach the upstream directly.
 
 For each proxy and each N, N clients (aiohttp, spread over one worker process per CPU, one
 connection each, opened before the clock starts) GET the blob cold at the same moment, read it
@@ -28,8 +29,8 @@ run checks memory under stalled clients: 20 clients that read the headers and on
 stop reading, beside one client that reads it all. Every pass over all of this is repeated
 (``--repeat``, 5 by default) and the report shows medians.
 
-Run: ``python -m loadtests.fanout [--size-mib 200] [--clients 1,4,20] [--upstream-mbps X]
-[--out FILE]``.
+Run: ``python -m loadtests.fanout [--size-mib 200] [--clients 1,4,20] [--upstream-mbps X
+[--per-connection]] [--out FILE]``.
 Every wait is bounded, and the whole run by ``--deadline`` (15 minutes by default).
 """
 
@@ -59,7 +60,6 @@ from loadtests.fixtures import REPO, make_image, push_image
 from loadtests.sampling import cpu_seconds, foreign_cpu, machine_times, peak_rss, process_table
 from loadtests.servers import FollowedServer, start_ocicache
 from loadtests.shaper import LOOPBACK, MB, ShaperError, ShaperProcess
-from tests.support.images import Blob
 from tests.support.registry import (
     LoggedRequest,
     Registry,
@@ -119,10 +119,20 @@ class BenchConfig:
     # Bytes/s of a shaped link between the proxies and the upstream, shared by all their
     # connections (loadtests.shaper); None: they reach the upstream directly over loopback.
     upstream_rate: float | None = None
+    # The rate holds for each connection, not for all together (a CDN that caps each stream).
+    per_connection: bool = False
     deadline: float = DEFAULT_DEADLINE
     # Where logs, caches and the upstream's storage go. None: a temp dir, removed after a
     # successful run and kept (its path reported) after a failed one.
     workdir: Path | None = None
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """The blob the clients ask for: the upstream holds it, the proxies fetch it by digest."""
+
+    digest: str
+    size: int
 
 
 @dataclass
@@ -385,6 +395,8 @@ class RunningProxy:
     # Waits until the proxy has finished every upstream transfer the cold run caused; returns
     # how many upstream blob GETs it knows it made (a lower bound for the log to reach).
     settle: Callable[[aiohttp.ClientSession], Awaitable[int]]
+    # ocicache's process, whose JSON log lines a scenario may read (how a request was served).
+    server: FollowedServer | None = None
 
 
 @contextlib.asynccontextmanager
@@ -416,7 +428,7 @@ async def ocicache_proxy(
             gets = fields.get("gets")
             return gets if isinstance(gets, int) else 0
 
-        yield RunningProxy("ocicache", server.url(), server.pid, settle)
+        yield RunningProxy("ocicache", server.url(), server.pid, settle, server)
     finally:
         await asyncio.to_thread(server.stop)
 
@@ -585,7 +597,7 @@ async def _one_proxy_run(
     kind: ProxyKind,
     workdir: Path,
     upstream: Upstream,
-    layer: Blob,
+    layer: BlobRef,
     config: BenchConfig,
     whole: int,
     stalled: int,
@@ -646,6 +658,7 @@ def machine_info(config: BenchConfig, registry_version: str) -> dict[str, str]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # uvloop or asyncio
+    shared = "for each connection on its own" if config.per_connection else "one bucket shared by all"
     return {
         "nproc": str(os.cpu_count()),
         "cpu": cpu,
@@ -662,8 +675,8 @@ def machine_info(config: BenchConfig, registry_version: str) -> dict[str, str]:
         "link": (
             "direct (loopback, unshaped)"
             if config.upstream_rate is None
-            else f"shaped to {config.upstream_rate / MB:g} MB/s each way, one bucket shared by every "
-            "connection (loadtests/shaper.py, in its own process)"
+            else f"shaped to {config.upstream_rate / MB:g} MB/s each way, "
+            f"{shared} (loadtests/shaper.py, in its own process)"
         ),
     }
 
@@ -690,7 +703,7 @@ async def _one_pass(
     config: BenchConfig,
     root: Path,
     upstream: Upstream,
-    layer: Blob,
+    layer: BlobRef,
     session: aiohttp.ClientSession,
     say: Callable[[str], None],
 ) -> list[RunResult]:
@@ -707,46 +720,62 @@ async def _one_pass(
 
 
 async def _run(config: BenchConfig, root: Path, say: Callable[[str], None]) -> Report:
-    started = time.monotonic()
     say(f"building a {config.size / MiB:g} MiB layer")
     image = await asyncio.to_thread(make_image, (config.size,))
     (layer,) = image.layers
     registry = await asyncio.to_thread(start_registry, root / "upstream")
-    upstream = Upstream(registry)
     try:
-        async with contextlib.AsyncExitStack() as stack:
-            session = await stack.enter_async_context(
-                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=RUN_TIMEOUT))
-            )
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=RUN_TIMEOUT)) as session:
             # Pushes go direct: only the proxies' traffic crosses the shaped link.
             say(f"pushing {layer.digest} ({layer.size} bytes) to {registry.url}")
             await push_image(session, registry.url, image)
-            if config.upstream_rate is not None:
-                link = ShaperProcess((LOOPBACK, registry.port), config.upstream_rate)
-                upstream.link = await stack.enter_async_context(link)
-                say(f"upstream link: {config.upstream_rate / MB:g} MB/s through {link.url}")
-            version = next((m[1] for line in registry.lines() if (m := _VERSION_RE.search(line))), "?")
-            report = Report(config, layer.digest, layer.size, machine_info(config, version))
-            longest_pass = 0.0
-            for rep in range(1, config.repeat + 1):
-                # Passes are whole (every proxy and N once), so that a cut-short benchmark still
-                # reports every row; and interleaved, so that slow drift on a shared machine
-                # spreads over all rows instead of landing on one.
-                left = config.deadline - (time.monotonic() - started)
-                if rep > 1 and left < 1.5 * longest_pass:
-                    say(f"stopping after {rep - 1} passes: {left:.0f} s left of the deadline")
-                    break
-                pass_started = time.monotonic()
-                say(f"pass {rep} of {config.repeat}")
-                runs = await _one_pass(config, root, upstream, layer, session, say)
-                for run in runs:
-                    run.rep = rep
-                report.runs += runs
-                report.repetitions = rep
-                longest_pass = max(longest_pass, time.monotonic() - pass_started)
-            return report
+            return await run_on(config, root, registry, BlobRef(layer.digest, layer.size), session, say)
     finally:
         await asyncio.to_thread(registry.stop)
+
+
+async def run_on(
+    config: BenchConfig,
+    root: Path,
+    registry: Registry,
+    blob: BlobRef,
+    session: aiohttp.ClientSession,
+    say: Callable[[str], None],
+) -> Report:
+    """Every pass of ``config`` against ``registry``, which already holds ``blob`` (any blob:
+    the proxies are asked for it by digest); the link, if the config asks for one, is started
+    here and stopped on the way out. Scenarios that compare several configs on one upstream
+    call this once per config; :func:`run_benchmark` calls it once."""
+    started = time.monotonic()
+    upstream = Upstream(registry)
+    async with contextlib.AsyncExitStack() as stack:
+        if config.upstream_rate is not None:
+            link = ShaperProcess(
+                (LOOPBACK, registry.port), config.upstream_rate, per_connection=config.per_connection
+            )
+            upstream.link = await stack.enter_async_context(link)
+            each = "each connection" if config.per_connection else "shared"
+            say(f"upstream link: {config.upstream_rate / MB:g} MB/s, {each}, through {link.url}")
+        version = next((m[1] for line in registry.lines() if (m := _VERSION_RE.search(line))), "?")
+        report = Report(config, blob.digest, blob.size, machine_info(config, version))
+        longest_pass = 0.0
+        for rep in range(1, config.repeat + 1):
+            # Passes are whole (every proxy and N once), so that a cut-short benchmark still
+            # reports every row; and interleaved, so that slow drift on a shared machine
+            # spreads over all rows instead of landing on one.
+            left = config.deadline - (time.monotonic() - started)
+            if rep > 1 and left < 1.5 * longest_pass:
+                say(f"stopping after {rep - 1} passes: {left:.0f} s left of the deadline")
+                break
+            pass_started = time.monotonic()
+            say(f"pass {rep} of {config.repeat}")
+            runs = await _one_pass(config, root, upstream, blob, session, say)
+            for run in runs:
+                run.rep = rep
+            report.runs += runs
+            report.repetitions = rep
+            longest_pass = max(longest_pass, time.monotonic() - pass_started)
+        return report
 
 
 # --- the report --------------------------------------------------------------------------------
@@ -947,6 +976,11 @@ def parser() -> argparse.ArgumentParser:
         help="put a link of this many megabytes (10^6 bytes) per second, shared by all their "
         "connections, between the proxies and the upstream (default: direct, unshaped)",
     )
+    p.add_argument(
+        "--per-connection",
+        action="store_true",
+        help="with --upstream-mbps: the rate holds for each connection on its own (a CDN's cap per stream)",
+    )
     p.add_argument("--repeat", type=int, default=5, help="passes; the report shows medians (default 5)")
     p.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE, help="seconds for the whole run")
     p.add_argument("--workdir", type=Path, help="keep everything under this directory")
@@ -975,6 +1009,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         deadline=ns.deadline,
         workdir=ns.workdir,
         upstream_rate=None if ns.upstream_mbps is None else ns.upstream_mbps * MB,
+        per_connection=ns.per_connection,
     )
 
     def progress(msg: str) -> None:

@@ -20,14 +20,17 @@ from pathlib import Path
 from typing import Final
 
 import aiohttp
+import yarl
 
-from tests.support.images import OCI_CONFIG, OCI_MANIFEST, Blob, push_blob, push_manifest
+from tests.support.images import OCI_CONFIG, OCI_MANIFEST, Blob, PushError, push_blob, push_manifest
 
 MiB: Final = 1024 * 1024
 OCI_LAYER_TAR: Final = "application/vnd.oci.image.layer.v1.tar"
 REPO: Final = "library/bench"
 UPSTREAM_NAME: Final = "docker.io"
 CHUNK: Final = 4 * MiB
+# A 1 GiB push takes a few seconds here; this is the bound.
+PUSH_TIMEOUT: Final = 300.0
 
 
 def make_blob_file(path: Path, size: int) -> str:
@@ -122,9 +125,26 @@ async def push_image(
     await push_manifest(session, base_url, repo, tag, image.manifest, OCI_MANIFEST)
 
 
-async def push_file_blob(session: aiohttp.ClientSession, base_url: str, path: Path, repo: str = REPO) -> str:
-    """Push a blob file; returns its digest."""
-    data = await asyncio.to_thread(path.read_bytes)
-    blob = Blob.of(data, OCI_LAYER_TAR)
-    await push_blob(session, base_url, repo, blob)
-    return blob.digest
+async def push_file_blob(
+    session: aiohttp.ClientSession, base_url: str, path: Path, digest: str, repo: str = REPO
+) -> None:
+    """Push a blob file whose digest is known (:func:`make_blob_file` returns it), streamed from
+    the file: a 1 GiB blob never sits in this process's memory."""
+    base = yarl.URL(base_url)
+    async with session.post(base / "v2" / repo / "blobs" / "uploads" / "") as resp:
+        if resp.status != 202 or not resp.headers.get("Location"):
+            raise PushError(f"starting an upload to {base_url}: {resp.status} {await resp.text()}")
+        location = resp.headers["Location"]
+    # Location may be relative, and carries an opaque _state query that must not be re-encoded.
+    target = base.join(yarl.URL(location, encoded=True))
+    put = yarl.URL(f"{target}{'&' if target.raw_query_string else '?'}digest={digest}", encoded=True)
+    size = await asyncio.to_thread(os.path.getsize, path)
+    with path.open("rb") as body:
+        async with session.put(
+            put,
+            data=body,
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            timeout=aiohttp.ClientTimeout(total=PUSH_TIMEOUT),
+        ) as resp:
+            if resp.status != 201:
+                raise PushError(f"uploading {digest} to {base_url}: {resp.status} {await resp.text()}")

@@ -49,6 +49,12 @@ def peak_rss(pid: int) -> int | None:
     return None if kib is None else kib * 1024
 
 
+def rss(pid: int) -> int | None:
+    """The process's resident set now (VmRSS) in bytes; None once it is gone."""
+    kib = _status_kib(pid, "VmRSS")
+    return None if kib is None else kib * 1024
+
+
 def children_cpu() -> float:
     """CPU of this process's children that have been waited for (rusage accumulates them)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)

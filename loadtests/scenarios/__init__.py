@@ -12,7 +12,17 @@ from __future__ import annotations
 from typing import Final
 
 from loadtests.harness import Scenario
-from loadtests.scenarios import cold_fanout, manifest, warm_blob, warm_placement, whole_image
+from loadtests.scenarios import (
+    catalogue,
+    cold_fanout,
+    lazy_range,
+    manifest,
+    memory,
+    parallel_fill,
+    warm_blob,
+    warm_placement,
+    whole_image,
+)
 
 # Default ones run unless --only names others; the rest (default=False) only when named.
 ALL: Final[tuple[Scenario, ...]] = (
@@ -20,5 +30,9 @@ ALL: Final[tuple[Scenario, ...]] = (
     manifest.SCENARIO,
     whole_image.SCENARIO,
     cold_fanout.SCENARIO,
+    parallel_fill.SCENARIO,
+    lazy_range.SCENARIO,
+    memory.SCENARIO,
+    catalogue.SCENARIO,
     warm_placement.SCENARIO,
 )
