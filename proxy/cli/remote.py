@@ -13,6 +13,8 @@ import urllib.parse
 import urllib.request
 from typing import Any, Final
 
+from proxy.core import jsontext
+
 PREFIX: Final = "/admin/v1"
 TIMEOUT: Final = 120.0
 
@@ -45,17 +47,21 @@ class Admin:
             request.add_header("Content-Type", "application/json")
         try:
             with urllib.request.urlopen(request, timeout=timeout) as resp:
-                return json.loads(resp.read() or b"null")
+                answer = resp.read() or b"null"
         except urllib.error.HTTPError as err:
             raise RemoteError(f"{self.base}: {err.code} {_message(err.read())}") from None
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise RemoteError(f"cannot reach {self.base}: {reason}") from None
+        try:
+            return jsontext.loads(answer)
+        except ValueError:
+            raise RemoteError(f"{self.base}: the answer is not JSON (is it an ocicache?)") from None
 
 
 def _message(body: bytes) -> str:
     try:
-        first = json.loads(body)["errors"][0]
+        first = jsontext.loads(body)["errors"][0]
     except (ValueError, KeyError, IndexError, TypeError):
         return body[:200].decode(errors="replace")
     detail = first.get("detail")

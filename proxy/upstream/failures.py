@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import errno as errnos
-import json
 import re
 import ssl
 import time
@@ -23,6 +22,8 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 import aiohttp
+
+from proxy.core import jsontext
 
 # Operations, as labels: what the proxy asked upstream for.
 TOKEN: Final = "token"
@@ -122,7 +123,7 @@ def oci_code(body: bytes) -> str | None:
     """The first error code of an OCI error envelope, if the body is one and the code looks
     like one (upstream's text goes into logs and the status page: nothing else of it does)."""
     try:
-        doc = json.loads(body)
+        doc = jsontext.loads(body)
         code = doc["errors"][0]["code"]
     except (ValueError, UnicodeDecodeError, KeyError, IndexError, TypeError):
         return None

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -29,6 +28,7 @@ from aiohttp import StreamReader, hdrs, web
 
 from proxy.airgap.graph import BadPlatform, parse_platform
 from proxy.airgap.removal import remove_images
+from proxy.core import jsontext
 from proxy.core.admintoken import carries, fingerprint
 from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError
@@ -101,7 +101,7 @@ async def read_json(stream: StreamReader, length: int | None) -> Any:
             raise OciError(Code.REQUEST_INVALID, "request body too large")
         parts.append(chunk)
     try:
-        return json.loads(b"".join(parts))
+        return jsontext.loads(b"".join(parts))
     except (ValueError, UnicodeDecodeError):
         raise OciError(Code.REQUEST_INVALID, "the body must be JSON") from None
 

@@ -92,3 +92,26 @@ async def test_without_the_token_or_with_a_wrong_one(
     assert code == 1 and "401" in err and TOKEN not in err
     code, _, err = await run(capsys, "ls", "--proxy", "ftp://nowhere")
     assert code == 1 and "http(s)://" in err
+
+
+@pytest.mark.parametrize("body", [b"<html>a login portal</html>", b"[" * 100_000 + b"]" * 100_000])
+async def test_an_answer_that_is_not_json_is_a_message_not_a_traceback(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, body: bytes
+) -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    async def anything(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", anything)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        monkeypatch.setenv("OCICACHE_ADMIN_TOKEN", TOKEN)
+        code, out, err = await run(capsys, "ls", "--proxy", str(server.make_url("")))
+    finally:
+        await server.close()
+    assert code != 0 and out == ""
+    assert "not JSON" in err and "Traceback" not in err

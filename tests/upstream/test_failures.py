@@ -226,6 +226,7 @@ def test_cause_of(exc: BaseException, kind: str, number: int | None) -> None:
         (b"\xff\xfe", None),
         (b'{"errors": []}', None),
         (b"[1]", None),
+        (b"[" * 100_000 + b"]" * 100_000, None),  # past the parser's depth: not a RecursionError
     ],
 )
 def test_only_a_real_oci_code_is_taken_from_the_body(body: bytes, code: str | None) -> None:

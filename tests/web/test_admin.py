@@ -382,6 +382,7 @@ async def test_prefetch_job_progress_and_outcome(
         (b'{"references": ["alpine"], "platforms": ["<script>/x"]}', "REQUEST_INVALID"),
         (json.dumps({"references": ["alpine"] * 1001}).encode(), "REQUEST_INVALID"),
         (b'{"references": ["' + b"a" * 300_000 + b'"]}', "REQUEST_INVALID"),
+        (b"[" * 100_000 + b"]" * 100_000, "REQUEST_INVALID"),  # past the parser's depth
     ],
 )
 async def test_bad_prefetch_requests(
