@@ -20,6 +20,7 @@ from aiohttp import web
 
 from proxy.store.catalogue import Catalogue
 from proxy.web import keys
+from proxy.web.clusterstatus import cluster_status
 
 # How long the catalogue's writer thread may take to answer before it counts as stuck.
 CATALOGUE_PROBE_TIMEOUT: Final = 2.0
@@ -83,4 +84,9 @@ async def readyz(request: web.Request) -> web.Response:
     )
     if reasons:
         return web.json_response({"status": "unavailable", "reasons": reasons}, status=503)
-    return web.json_response({"status": "ready"})
+    cluster = cluster_status(app)
+    if cluster is None:
+        return web.json_response({"status": "ready"})
+    # Ready either way: a replica without Redis still serves its cache and fetches alone. Taking
+    # every replica out of a Service because Redis is down would turn a degraded cluster into none.
+    return web.json_response({"status": "ready", "cluster": cluster})

@@ -221,11 +221,22 @@ async def test_redis_stopped_every_replica_serves_its_cache_and_rejoins_when_it_
                 assert await resp.read() == cold
             await proxy.logged(logged("cluster_redis_down"))
             assert await metric(session, proxy, "ocicache_cluster_redis_up") == 0
+            async with session.get(f"{proxy.url}/readyz") as resp:  # still taking traffic
+                assert resp.status == 200
+                ready = await resp.json()
+            assert ready["cluster"]["mode"] == "degraded" and ready["cluster"]["redis"] == "down"
 
         redis_server.start()  # the same port, empty
         for proxy in procs:
             await proxy.logged(logged_times("cluster_redis_up", 2))
             assert await metric(session, proxy, "ocicache_cluster_redis_up") == 1
+            async with session.get(f"{proxy.url}/readyz") as resp:
+                assert resp.status == 200
+                assert (await resp.json())["cluster"] == {
+                    "mode": "cluster",
+                    "redis": "up",
+                    "advertise": proxy.url,
+                }
         # Single-flight across replicas again.
         fake.faults[later_digest] = BlobFaults(stall_at=MiB // 2)
         before = blob_gets(fake)
