@@ -42,8 +42,9 @@ class Tally:
     errors: list[str] = field(default_factory=list)
 
 
-def read_head(sock: socket.socket) -> tuple[int, int, bytes]:
-    """Status, Content-Length and the body bytes that came with the head."""
+def read_head(sock: socket.socket) -> tuple[int, int, bytes, bool]:
+    """Status, Content-Length, the body bytes that came with the head, and whether the server
+    closes the connection after this answer (``Connection: close``)."""
     head = b""
     while b"\r\n\r\n" not in head:
         if len(head) > HEAD_MAX:
@@ -56,28 +57,37 @@ def read_head(sock: socket.socket) -> tuple[int, int, bytes]:
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
     length = -1
+    closing = False
     for line in lines[1:]:
         name, _, value = line.partition(":")
-        if name.strip().lower() == "content-length":
+        name = name.strip().lower()
+        if name == "content-length":
             length = int(value.strip())
+        elif name == "connection":
+            closing = "close" in value.lower()
     if length < 0:
         raise ConnectionError("response without Content-Length")
-    return status, length, rest
+    return status, length, rest, closing
 
 
-def connection(port: int, request: bytes, status: int, body: int, deadline: float, tally: Tally) -> None:
+def responses(
+    port: int, request: bytes, status: int, body: int, deadline: float, tally: Tally, limit: int
+) -> bool:
+    """Requests on one connection until the deadline, ``limit`` answers, or the server says it
+    closes (servers cap requests per connection: nginx's keepalive_requests, ocicache's
+    max_requests_per_connection). True when the server closed and another connection may go on."""
     view = memoryview(bytearray(BUFFER))
     with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as sock:
-        for _ in range(MAX_RESPONSES_PER_CONNECTION):
+        for _ in range(limit):
             if time.monotonic() >= deadline:
-                return
+                return False
             sock.sendall(request)
-            got_status, length, rest = read_head(sock)
+            got_status, length, rest, closing = read_head(sock)
             tally.bytes += len(rest)
             left = length - len(rest)
             while left > 0:
                 if time.monotonic() >= deadline:
-                    return
+                    return False
                 n = sock.recv_into(view, min(left, BUFFER))
                 if n == 0:
                     raise ConnectionError("closed mid-body")
@@ -87,6 +97,22 @@ def connection(port: int, request: bytes, status: int, body: int, deadline: floa
                 tally.ok += 1
             else:
                 tally.bad += 1
+            if closing:
+                return True
+    return False
+
+
+def connection(port: int, request: bytes, status: int, body: int, deadline: float, tally: Tally) -> None:
+    """One client connection's worth of load: reconnects when the server ends a keep-alive
+    connection the way HTTP/1.1 lets it, with ``Connection: close`` (a close without it is an
+    error). Bounded by the deadline and by ``MAX_RESPONSES_PER_CONNECTION`` answers in all."""
+    answered = tally.ok + tally.bad
+    while answered < MAX_RESPONSES_PER_CONNECTION and time.monotonic() < deadline:
+        if not responses(
+            port, request, status, body, deadline, tally, MAX_RESPONSES_PER_CONNECTION - answered
+        ):
+            return
+        answered = tally.ok + tally.bad
 
 
 def run(
