@@ -16,6 +16,8 @@ from typing import Any, Final
 
 import structlog
 
+from proxy.web.accesslog import AccessLog, JsonLines, ThroughStructlog
+
 # The access line's fields, in the order it shows them; what is left follows as key=value.
 ACCESS_EVENT: Final = "request"
 _ACCESS_FIELDS: Final = ("method", "path", "status", "bytes", "cache", "upstream", "ms")
@@ -52,8 +54,22 @@ def access_line(_logger: object, _name: str, event: MutableMapping[str, Any]) ->
     return event
 
 
+_chosen: tuple[str, str] = ("info", "console")
+
+
+def access_log() -> AccessLog:
+    """The request line's writer for what :func:`configure` chose last: the batched JSON
+    writer for JSON lines at info or debug, else structlog (console lines, or none at all)."""
+    level, fmt = _chosen
+    if fmt == "json" and level in ("debug", "info"):
+        return JsonLines()
+    return ThroughStructlog()
+
+
 def configure(level: str = "info", fmt: str = "auto") -> None:
+    global _chosen
     chosen = resolve_format(fmt, sys.stderr.isatty())
+    _chosen = (level.lower(), chosen)
     processors: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

@@ -12,6 +12,7 @@ import structlog
 from aiohttp import web
 
 from proxy.cli.common import UPSTREAM_HELP
+from proxy.cli.logs import access_log
 from proxy.core import listenaddr
 from proxy.core.authconfig import TlsConfig
 from proxy.core.clusterconfig import advertised
@@ -95,7 +96,7 @@ async def reload_tls(ctx: ssl.SSLContext, cfg: TlsConfig) -> None:
 
 
 async def serve(settings: Settings, ssl_context: ssl.SSLContext | None = None) -> None:
-    app = create_app(settings)
+    app = create_app(settings, access=access_log())
     log.info("settings", **effective(settings))
     runner = AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()

@@ -22,6 +22,7 @@ from proxy.core.errors import Code, OciError, code_for_status, error_response
 from proxy.flows.engine import Engine, running
 from proxy.flows.fills import Fill, State
 from proxy.web import admin, gate, guard, handlers, health, keys, login, peering, setup, status
+from proxy.web.accesslog import AccessLog, ThroughStructlog
 from proxy.web.jobs import Jobs, Prefetcher
 from proxy.web.lifecycle import Lifecycle
 from proxy.web.metrics import CONTENT_TYPE, Metrics, UpstreamMetrics, counter, gauge
@@ -64,18 +65,19 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
         cluster = request.app[keys.CLUSTER]
         cluster.note("peer_served_blobs")
         cluster.note("peer_served_bytes", sent)
-    log.info(
-        "request",
-        method=request.method,
-        path=request.path,
-        ns=request.query.get("ns"),
-        user=request.get(keys.USER),
-        status=status,
-        bytes=sent,
-        cache=cache,
-        upstream=upstream,
-        aborted=request.get(keys.ABORTED, False),
-        ms=round((time.perf_counter() - started) * 1000, 2),
+    request.app[keys.ACCESS_LOG].write(
+        {
+            "method": request.method,
+            "path": request.path,
+            "ns": request.query.get("ns"),
+            "user": request.get(keys.USER),
+            "status": status,
+            "bytes": sent,
+            "cache": cache,
+            "upstream": upstream,
+            "aborted": request.get(keys.ABORTED, False),
+            "ms": round((time.perf_counter() - started) * 1000, 2),
+        }
     )
     return resp
 
@@ -122,6 +124,10 @@ def engine_metrics(engine: Engine) -> Callable[[], Iterator[Metric]]:
             yield family
 
     return collect
+
+
+async def _flush_access(app: web.Application) -> None:
+    app[keys.ACCESS_LOG].flush()
 
 
 async def _stop_fills(app: web.Application) -> None:
@@ -192,9 +198,12 @@ async def _pins(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(task, return_exceptions=True)
 
 
-def create_app(settings: Settings, *, prefetch: Prefetcher | None = None) -> web.Application:
+def create_app(
+    settings: Settings, *, prefetch: Prefetcher | None = None, access: AccessLog | None = None
+) -> web.Application:
     """``prefetch``: what ``POST /admin/v1/prefetch`` runs (the air-gap layer's, unless a test
-    hands in its own)."""
+    hands in its own); ``access``: where request lines go (structlog unless ``serve`` chose
+    the batched JSON writer)."""
     middlewares: list[Middleware] = [errors_and_access_log]
     public: tuple[Handler, ...] = (
         metrics_endpoint,
@@ -219,6 +228,7 @@ def create_app(settings: Settings, *, prefetch: Prefetcher | None = None) -> web
     app[keys.PULLS] = Pulls()
     app[keys.SAMPLES] = Samples()
     app[keys.PREFETCH] = real_prefetch if prefetch is None else prefetch
+    app[keys.ACCESS_LOG] = ThroughStructlog() if access is None else access
     status.templates(app)
     app[keys.RESOLVED] = LRUCache(maxsize=8192)
     app.cleanup_ctx.append(_resources)
@@ -226,6 +236,7 @@ def create_app(settings: Settings, *, prefetch: Prefetcher | None = None) -> web
     if settings.auth.enabled:
         app.cleanup_ctx.append(gate.resources)
     app.on_shutdown.append(_stop_fills)
+    app.on_cleanup.append(_flush_access)
     app.router.add_route("*", "/v2/", handlers.base)
     app.router.add_route("*", "/v2/{tail:.*}", handlers.registry_api)
     app.router.add_get("/metrics", metrics_endpoint)

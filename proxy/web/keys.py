@@ -22,6 +22,7 @@ from proxy.store.cache import BlobCache
 from proxy.store.catalogue import Catalogue
 from proxy.store.storage import Storage
 from proxy.upstream.client import UpstreamClient
+from proxy.web.accesslog import AccessLog
 from proxy.web.lifecycle import Lifecycle
 from proxy.web.metrics import Metrics
 from proxy.web.pulls import Pulls
@@ -55,6 +56,7 @@ PINS_FETCH: Final = web.AppKey("pins_fetch", asyncio.Task[PrefetchReport | None]
 RESOLVED: Final = web.AppKey("resolved", LRUCache[tuple[str, str | None], tuple[PathRequest, Route]])
 # Only with cluster.redis.
 CLUSTER: Final = web.AppKey("cluster", Cluster)
+ACCESS_LOG: Final = web.AppKey("access_log", AccessLog)
 # Only when auth: is configured.
 GUARD: Final[web.AppKey[Guard]] = web.AppKey("guard")
 
