@@ -26,6 +26,7 @@ class Part:
     start: int
     end: int  # exclusive
     done: int = 0  # bytes written from start
+    taken: bool = False  # a connection is on it, or was: its bytes are coming from its start
 
     @property
     def reached(self) -> int:
@@ -89,10 +90,17 @@ class Coverage:
         return end
 
     def far_from(self, pos: int, gap: int) -> bool:
-        """Will the bytes at ``pos`` take long to come? Yes if the part that will bring them is
-        more than ``gap`` bytes short of ``pos``."""
+        """Will the bytes at ``pos`` take long to come? Yes if the nearest front of bytes
+        arriving at or before ``pos`` is more than ``gap`` short of it. A part no connection has
+        taken yet brings nothing until the connections, which take chunks in order, get to it:
+        its start is no front (behind a shared link one connection works through them all)."""
         part = self.part_at(pos)
-        return part is not None and pos - part.reached > gap
+        if part is None:
+            return False
+        if part.taken:
+            return pos - part.reached > gap
+        front = max((p.reached for p in self.parts if p.taken and p.start <= pos), default=0)
+        return pos - front > gap
 
     @property
     def complete(self) -> bool:

@@ -207,6 +207,7 @@ class Download:
         """Fill ``part``, resuming a broken connection from where the part stands."""
         fill = self.fill
         failures = [0]
+        part.taken = True
         while not part.complete:
             if stream is None:
                 stream = await self._open(part.reached, part.end, failures)

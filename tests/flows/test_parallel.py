@@ -196,3 +196,29 @@ async def test_several_ranges_of_a_cached_blob_are_one_multipart_answer(
         (f"bytes 3145000-{size - 1}/{size}", data[3145000:]),
     ]
     assert proxy.app[keys.CATALOGUE].entry(str(Digest.parse(digest))) is not None
+
+
+async def test_a_range_in_a_chunk_no_connection_took_yet_is_fetched_for_its_client(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    # In parts, the first one alone (timed) and stalled: the chunk holding the range starts
+    # less than the gap before it, and no connection has taken it (behind a shared link one
+    # connection works through them all in order). Waiting would take the whole blob up to
+    # there; it was judged "near" and joined.
+    size = 24 * MiB
+    data = os.urandom(size)
+    digest = fake.add_blob(data)
+    fake.faults[digest] = BlobFaults(stall_at=1)
+    proxy = await start_proxy({"docker.io": fake.url}, **SETTINGS, lazy_range_gap=4 * MiB)
+    whole = asyncio.create_task(fetch(session, url(proxy, digest)))
+    await fake.faults[digest].stalled.wait()
+    first, last = 21 * MiB, 22 * MiB - 1  # 1 MiB into the chunk at 20 MiB
+    fake.faults[digest].stall_at = None
+    async with asyncio.timeout(60):  # joined, it would wait for the stalled download: a failure
+        async with session.get(url(proxy, digest), headers={"Range": f"bytes={first}-{last}"}) as resp:
+            assert resp.status == 206
+            assert await resp.read() == data[first : last + 1]
+    assert range_of(blob_gets(fake, digest)[-1]) == (first, last)
+    fake.faults[digest].resume()
+    assert await whole == data
+    assert digest in await proxy.cached()
