@@ -50,22 +50,20 @@ class Loaded:
 def reconcile(conn: sqlite3.Connection, storage: Storage) -> Loaded:
     loaded = Loaded()
     rows = {r[0]: r for r in conn.execute("SELECT digest, size, kind, added, last_used, hits FROM blobs")}
-    files = {b.digest: b for b in storage.scan()}
-    gone: list[str] = []
-    for digest, row in rows.items():
-        found = files.get(digest)
-        if found is None:
-            gone.append(digest)
-        elif found.size != row[1]:
-            log.warning("blob_size_mismatch", digest=digest, verified=row[1], on_disk=found.size)
-            storage.remove(found.ref)
-            loaded.wrong_size.append(digest)
-            gone.append(digest)
-    loaded.dropped_rows = len(gone) - len(loaded.wrong_size)
+    # Names only: a stat per file was most of the start-up with 100,000 of them. Sizes are
+    # checked right after, in the background (BlobCache.start), and at every open, so a file
+    # changed behind our back is never served meanwhile.
+    names = storage.names()
+    gone = [digest for digest in rows if digest not in names]
+    loaded.dropped_rows = len(gone)
     drop_rows(conn, gone)
     for digest in gone:
         del rows[digest]
-    new = [(b.digest, b.size, BLOB, b.mtime, b.mtime, 0) for d, b in files.items() if d not in rows]
+    new = [
+        (b.digest, b.size, BLOB, b.mtime, b.mtime, 0)
+        for d in names
+        if d not in rows and (b := storage.stat(d)) is not None
+    ]
     conn.executemany(
         "INSERT INTO blobs (digest, size, kind, added, last_used, hits) VALUES (?, ?, ?, ?, ?, ?)", new
     )

@@ -16,12 +16,20 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from proxy.core.reference import DIGEST_HEX, Digest
+
+# A background pass over every file (the start-up size check) is paced: this many files, then
+# a pause, so that it holds the GIL a few percent of the time instead of half of it while the
+# proxy serves (100,000 files: about 10 s instead of 3 s, at 4% of the loop's time, not 40%).
+YIELD_EVERY: Final = 256
+PAUSE: Final = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +120,32 @@ class Storage:
         return StoredBlob(digest, st.st_size, st.st_mtime)
 
     def sizes(self, digests: list[str]) -> dict[str, int]:
-        """The sizes of those files that still exist."""
-        return {d: s.size for d in digests if (s := self.stat(d)) is not None}
+        """The sizes of those files that still exist.
+
+        Runs in a thread while the proxy serves: one pass over each directory (no path built
+        per file; 100,000 files took 2.3 s through pathlib, most of it holding the GIL), paced
+        by a pause every ``YIELD_EVERY`` files that leaves the GIL to the event loop's thread."""
+        wanted = set(digests)
+        found: dict[str, int] = {}
+        seen = 0
+        for alg in DIGEST_HEX:
+            try:
+                entries = os.scandir(self.blobs / alg)
+            except OSError:
+                continue
+            with entries:
+                for entry in entries:
+                    seen += 1
+                    if seen % YIELD_EVERY == 0:
+                        time.sleep(PAUSE)
+                    digest = f"{alg}:{entry.name}"
+                    if digest not in wanted:
+                        continue
+                    try:
+                        found[digest] = entry.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        continue  # gone meanwhile
+        return found
 
     def scan(self) -> Iterator[StoredBlob]:
         """Every file under ``blobs/`` whose name is a digest (a stray file is not ours)."""
