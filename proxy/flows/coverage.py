@@ -36,6 +36,11 @@ class Part:
     def complete(self) -> bool:
         return self.reached >= self.end
 
+    @property
+    def started(self) -> bool:
+        """Bytes of it are coming: a connection took it, or some arrived."""
+        return self.taken or self.done > 0
+
 
 def plan_parts(size: int, first_end: int, chunk: int) -> list[Part]:
     """Parts for a blob of ``size`` whose first ``first_end`` bytes are already asked for:
@@ -97,9 +102,9 @@ class Coverage:
         part = self.part_at(pos)
         if part is None:
             return False
-        if part.taken:
+        if part.started:
             return pos - part.reached > gap
-        front = max((p.reached for p in self.parts if p.taken and p.start <= pos), default=0)
+        front = max((p.reached for p in self.parts if p.started and p.start <= pos), default=0)
         return pos - front > gap
 
     @property
