@@ -131,6 +131,11 @@ class Settings:
     # A range request for bytes this far beyond what a download has reached gets them from a
     # ranged upstream request of its own (lazy pullers), instead of waiting.
     lazy_range_gap: int = 8 * 1024 * 1024
+    # ... if it asks for at most this many bytes: a lazy read. Longer ranges (containerd's 8 MiB
+    # chunks, open-ended bytes=N-) are a pull in parts, which the download itself serves without
+    # a second copy of the blob coming down the same link; so is any range once this download's
+    # lazy reads have cost an eighth of its size.
+    lazy_range_max: int = 4 * 1024 * 1024
     # A Range request during a download is answered as the bytes arrive, before the digest is
     # checked (what lazy pullers need), unless this makes it wait for the verified whole.
     verified_ranges_only: bool = False
@@ -347,6 +352,7 @@ PARSERS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "parallel_fill_threshold": parse_size,
     "fill_chunk": parse_size,
     "lazy_range_gap": parse_size,
+    "lazy_range_max": parse_size,
     "verified_ranges_only": parse_bool,
     "header_timeout": parse_positive_seconds,
     "idle_timeout": parse_positive_seconds,

@@ -28,6 +28,8 @@ from proxy.upstream.client import UpstreamClient
 
 # Clients named in the warning when a fill that served unverified ranges fails.
 UNVERIFIED_NAMED: Final = 32
+# Lazy reads of one download may cost upstream at most this share of the blob again.
+RELAY_SHARE: Final = 1 / 8
 
 
 class FillFailed(Exception):
@@ -53,6 +55,7 @@ class Fill:
         self.coverage: Coverage | None = None
         self.streamed = 0
         self.received = 0  # bytes from upstream, retries included
+        self.relayed = 0  # bytes lazy reads asked upstream for on their own (see take_relay)
         self.state = State.STARTING
         # Every byte is here and hashed to the digest: readers may have the final byte, even
         # while the file is still being fsynced and renamed into the cache.
@@ -127,6 +130,15 @@ class Fill:
         if self.verified or end < self.coverage.size:
             return end
         return max(pos, self.coverage.size - 1)
+
+    def take_relay(self, length: int) -> bool:
+        """May a lazy read of ``length`` bytes have a ranged upstream request of its own? Yes
+        while this download's lazy reads together stay within ``RELAY_SHARE`` of the blob (each
+        is a second copy of its bytes from upstream); counted when yes."""
+        if self.size is None or self.relayed + length > self.size * RELAY_SHARE:
+            return False
+        self.relayed += length
+        return True
 
     def far_from(self, pos: int, gap: int) -> bool:
         """Are the bytes at ``pos`` more than ``gap`` away from arriving (a lazy puller's range

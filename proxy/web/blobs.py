@@ -222,7 +222,13 @@ async def _serve_fill(request: web.Request, fill: Fill) -> web.StreamResponse:
         body = Body(request, fill.digest, size)
     if ranged(request) and not fill.verified and request.method != "HEAD" and body.ranges is not None:
         fill.note_unverified_reader(_client_of(request))
-        if fill.far_from(body.first, settings.lazy_range_gap):
+        rng = body.ranges[0] if len(body.ranges) == 1 else None
+        if (
+            rng is not None
+            and rng.length <= settings.lazy_range_max
+            and fill.far_from(rng.first, settings.lazy_range_gap)
+            and fill.take_relay(rng.length)
+        ):
             relayed = await _relay(request, fill, body)
             if relayed is not None:
                 return relayed

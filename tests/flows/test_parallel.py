@@ -13,6 +13,7 @@ from email.policy import HTTP
 
 import aiohttp
 import pytest
+import structlog
 
 from proxy.core.reference import Digest
 from proxy.flows.coverage import plan_parts
@@ -222,3 +223,85 @@ async def test_a_range_in_a_chunk_no_connection_took_yet_is_fetched_for_its_clie
     fake.faults[digest].resume()
     assert await whole == data
     assert digest in await proxy.cached()
+
+
+def attaching(monkeypatch: pytest.MonkeyPatch) -> asyncio.Queue[int]:
+    """Each reader that joins a download, as it joins (where it starts): the moment a range
+    request has chosen to wait for the download rather than fetch its bytes itself."""
+    from proxy.flows.fill import Fill
+
+    joined: asyncio.Queue[int] = asyncio.Queue()
+    original = Fill.attach
+
+    def attach(self: Fill, reader: int, at: int) -> None:
+        original(self, reader, at)
+        joined.put_nowait(at)
+
+    monkeypatch.setattr(Fill, "attach", attach)
+    return joined
+
+
+async def test_a_long_range_far_ahead_joins_the_download_instead_of_a_second_copy(
+    start_proxy: StartProxy,
+    fake: FakeUpstream,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    info_logs: None,
+) -> None:
+    # containerd's 8 MiB chunks are a pull in parts: relaying each would fetch the blob twice
+    # over the same link (the lazy-range scenario: 1.92 blobs upstream, 1.20x the time).
+    size = 12 * MiB
+    data = os.urandom(size)
+    digest = fake.add_blob(data)
+    fake.faults[digest] = BlobFaults(stall_at=1)
+    joined = attaching(monkeypatch)
+    proxy = await start_proxy(
+        {"docker.io": fake.url},
+        parallel_fill_threshold=64 * MiB,
+        lazy_range_gap=MiB,
+        lazy_range_max=MiB // 2,
+    )
+    whole = asyncio.create_task(fetch(session, url(proxy, digest)))
+    await fake.faults[digest].stalled.wait()
+    assert await joined.get() == 0  # the whole-body reader
+    first, last = 10 * MiB, 11 * MiB - 1  # 1 MiB: longer than lazy_range_max
+    with structlog.testing.capture_logs() as logs:
+        ranged = asyncio.create_task(fetch(session, url(proxy, digest), {"Range": f"bytes={first}-{last}"}))
+        async with asyncio.timeout(60):  # it waits for the download, while it is stalled
+            assert await joined.get() == first
+        fake.faults[digest].resume()
+        assert await ranged == data[first : last + 1]
+        assert await whole == data
+    assert (first, last) not in [range_of(s) for s in blob_gets(fake, digest) if "range" in s.headers]
+    assert [e["cache"] for e in logs if e.get("event") == "request" and e["status"] == 206] == ["join"]
+
+
+async def test_lazy_reads_of_one_download_stop_at_an_eighth_of_the_blob(
+    start_proxy: StartProxy,
+    fake: FakeUpstream,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    size = 16 * MiB  # an eighth: 2 MiB of lazy reads
+    data = os.urandom(size)
+    digest = fake.add_blob(data)
+    fake.faults[digest] = BlobFaults(stall_at=1)
+    joined = attaching(monkeypatch)
+    proxy = await start_proxy({"docker.io": fake.url}, parallel_fill_threshold=64 * MiB, lazy_range_gap=MiB)
+    whole = asyncio.create_task(fetch(session, url(proxy, digest)))
+    await fake.faults[digest].stalled.wait()
+    assert await joined.get() == 0
+    fake.faults[digest].stall_at = None  # the lazy reads' own requests are not held up
+    spans = [(n * MiB, (n + 1) * MiB - 1) for n in (10, 12)]
+    for first, last in spans:  # both fit in the share: each fetched for its client, at once
+        got = await fetch(session, url(proxy, digest), {"Range": f"bytes={first}-{last}"})
+        assert got == data[first : last + 1]
+    assert [range_of(s) for s in blob_gets(fake, digest)][-2:] == spans
+    first, last = 14 * MiB, 15 * MiB - 1  # past the share: it joins the download
+    third = asyncio.create_task(fetch(session, url(proxy, digest), {"Range": f"bytes={first}-{last}"}))
+    async with asyncio.timeout(60):  # fetched on its own instead, it never joins: a failure
+        assert await joined.get() == first
+    fake.faults[digest].resume()
+    assert await third == data[first : last + 1]
+    assert await whole == data
+    assert (first, last) not in [range_of(s) for s in blob_gets(fake, digest) if "range" in s.headers]
