@@ -16,8 +16,8 @@ from proxy.cli.remote import Admin, RemoteError, quoted
 from proxy.core.config import Settings
 from proxy.core.imageref import BadReference, parse_image_reference
 from proxy.store.catalogue import Catalogue
-from proxy.store.lock import CacheBusy, CacheLock
-from proxy.store.storage import Storage
+from proxy.store.lock import CacheBusy
+from proxy.store.opened import opened
 
 SOURCE = "admin"
 
@@ -71,19 +71,8 @@ def _remote(command: str, refs: list[str], admin: Admin) -> list[str]:
 
 
 async def _local(command: str, refs: list[str], settings: Settings) -> list[str]:
-    lock = CacheLock(settings.cache_dir)
-    await asyncio.to_thread(lock.acquire)
-    try:
-        storage = Storage(settings.cache_dir)
-        await asyncio.to_thread(storage.prepare)
-        catalogue = Catalogue(storage)
-        await catalogue.open()
-        try:
-            return await _change(command, refs, catalogue)
-        finally:
-            await catalogue.close()
-    finally:
-        lock.release()
+    async with opened(settings.cache_dir) as (_, catalogue):
+        return await _change(command, refs, catalogue)
 
 
 async def _change(command: str, refs: list[str], catalogue: Catalogue) -> list[str]:

@@ -9,7 +9,6 @@ pull through the proxy would. One process at a time holds a cache directory
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from proxy.flows.sharedtokens import SharedTokens
 from proxy.flows.sourcing import Sourcing
 from proxy.store.cache import BlobCache, Budget
 from proxy.store.catalogue import Catalogue
-from proxy.store.lock import CacheLock
+from proxy.store.opened import opened
 from proxy.store.pins import pinned_digests
 from proxy.store.storage import Storage
 from proxy.upstream.client import UpstreamClient
@@ -64,41 +63,30 @@ async def running(
     """Lock the cache directory, open everything, and close it all again on exit. Only a
     ``serving`` engine joins a cluster: a command-line tool has no address for peers to
     stream from, so it fetches and commits as a lone replica would."""
-    lock = CacheLock(settings.cache_dir)
-    await asyncio.to_thread(lock.acquire)
-    try:
-        storage = Storage(settings.cache_dir)
-        await asyncio.to_thread(storage.prepare)
-        catalogue = Catalogue(storage)
-        await catalogue.open()
-        try:
-            await catalogue.set_pins(settings.pins, "config")
-            async with AsyncExitStack() as stack:
-                cluster = None
-                if settings.cluster.enabled and serving:
-                    me = advertised(
-                        settings.cluster,
-                        settings.listen_host,
-                        settings.listen_port,
-                        tls=settings.tls is not None,
-                    )
-                    cluster = await stack.enter_async_context(
-                        joined(
-                            settings.cluster,
-                            me,
-                            connect_timeout=settings.blob_connect_timeout,
-                            read_timeout=settings.blob_read_timeout,
-                        )
-                    )
-                    catalogue.drop_observers.append(_forget_location(cluster))
-                engine = await stack.enter_async_context(
-                    _engine(settings, storage, catalogue, cluster, on_fill_finish)
+    async with opened(settings.cache_dir) as (storage, catalogue):
+        await catalogue.set_pins(settings.pins, "config")
+        async with AsyncExitStack() as stack:
+            cluster = None
+            if settings.cluster.enabled and serving:
+                me = advertised(
+                    settings.cluster,
+                    settings.listen_host,
+                    settings.listen_port,
+                    tls=settings.tls is not None,
                 )
-                yield engine
-        finally:
-            await catalogue.close()
-    finally:
-        lock.release()
+                cluster = await stack.enter_async_context(
+                    joined(
+                        settings.cluster,
+                        me,
+                        connect_timeout=settings.blob_connect_timeout,
+                        read_timeout=settings.blob_read_timeout,
+                    )
+                )
+                catalogue.drop_observers.append(_forget_location(cluster))
+            engine = await stack.enter_async_context(
+                _engine(settings, storage, catalogue, cluster, on_fill_finish)
+            )
+            yield engine
 
 
 def _forget_location(cluster: Cluster) -> Callable[[str], None]:
