@@ -42,6 +42,14 @@ def fields(**extra: Any) -> dict[str, Any]:
     }
 
 
+async def after_callbacks_scheduled_so_far() -> None:
+    """Callbacks run in the order they were scheduled: one scheduled now runs after them."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.call_soon(done.set_result, None)
+    await done
+
+
 class Counting(io.StringIO):
     def __init__(self) -> None:
         super().__init__()
@@ -75,7 +83,7 @@ async def test_one_write_per_loop_turn() -> None:
     for n in range(50):
         lines.write(fields(status=200 + n % 2))
     assert stream.writes == 0  # nothing until the turn ends
-    await asyncio.sleep(0)  # let the loop run the scheduled flush (ordering only: no timing)
+    await after_callbacks_scheduled_so_far()  # the flush the writes scheduled has run
     assert stream.writes == 1
     docs = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert len(docs) == 50 and [d["status"] for d in docs[:2]] == [200, 201]

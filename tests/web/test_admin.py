@@ -410,7 +410,10 @@ async def test_a_body_that_arrives_in_pieces_is_read_whole() -> None:
     body = json.dumps({"references": ["alpine:3.20", "busybox"]}).encode()
     stream.feed_data(body[:10])  # what one packet brought; the rest comes later
     reading = asyncio.ensure_future(read_json(stream, None))
-    await asyncio.sleep(0)  # let the read take what is buffered (ordering only: no timing)
+    # Let the read take what is buffered first: its first step was scheduled before this one.
+    done = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(done.set_result, None)
+    await done
     stream.feed_data(body[10:])
     stream.feed_eof()
     assert await reading == {"references": ["alpine:3.20", "busybox"]}
