@@ -3,10 +3,11 @@
 The file is the truth for content, the row for what the file should be. A file without a row
 is indexed as a blob (a crash between a fill's rename and its row; manifests get their row
 before their file, so a row-less file is never a manifest). A row without a file is dropped,
-with the manifest, tag and pin facts that depended on it. A file whose size is not the size
-verified when it was committed (truncated, or grown, behind our back) is removed with its row:
-it is fetched again on its next request. Runs on the database thread, before anything is
-served.
+with the manifest, tag and pin facts that depended on it. Only names are read here; a file
+whose size is not the one verified when it was committed (truncated, or grown, behind our back)
+is caught by the size check that runs right after start-up and by every open, and removed with
+its row: it is fetched again on its next request. Runs on the database thread, before anything
+is served.
 """
 
 from __future__ import annotations
@@ -15,11 +16,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
-
 from proxy.store.storage import Storage
-
-log = structlog.get_logger("ocicache.reconcile")
 
 BLOB = 1
 MANIFEST = 2
@@ -35,7 +32,6 @@ class Loaded:
     pins: list[tuple[str, str, float]] = field(default_factory=list)
     indexed: int = 0  # files that had no row
     dropped_rows: int = 0  # rows that had no file
-    wrong_size: list[str] = field(default_factory=list)  # files removed: not their verified size
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -43,7 +39,6 @@ class Loaded:
             "tags": len(self.tags),
             "indexed": self.indexed,
             "dropped_rows": self.dropped_rows,
-            "wrong_size": len(self.wrong_size),
         }
 
 

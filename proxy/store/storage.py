@@ -150,7 +150,7 @@ class Storage:
     def scan(self) -> Iterator[StoredBlob]:
         """Every file under ``blobs/`` whose name is a digest (a stray file is not ours)."""
         for alg, length in DIGEST_HEX.items():
-            # One compiled match per name: 100,000 files are scanned at every start.
+            # One compiled match per name (ocicache verify reads every file this way).
             name = re.compile(f"[0-9a-f]{{{length}}}")
             with os.scandir(self.blobs / alg) as entries:
                 for entry in entries:
