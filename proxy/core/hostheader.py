@@ -10,7 +10,9 @@ from typing import Final
 # client-supplied Host header can never put a quote, newline or path into a generated file.
 _HOST: Final = re.compile(
     r"(?:[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?|\[[0-9a-f:.]{2,45}\])(?::(?P<port>[0-9]{1,5}))?",
-    re.IGNORECASE,
+    # ASCII: under Unicode case folding [a-z] also matches "İ", "ı" and the Kelvin sign, and
+    # "İ".lower() is "i" plus a combining dot: not a name any resolver or TOML key expects.
+    re.IGNORECASE | re.ASCII,
 )
 
 

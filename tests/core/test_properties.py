@@ -354,6 +354,9 @@ host_header = st.one_of(
 
 
 @given(host_header)
+@example("İ")  # Unicode case folding let it through as [a-z], then lower() made "i" + U+0307
+@example("\u212a.example")  # the Kelvin sign folds to "k"
+@example("cache.ıo:5000")  # dotless i
 def test_a_host_header_is_a_plain_address_or_the_fallback(header: str) -> None:
     got = proxy_address(header, "127.0.0.1:5000")
     assert got == "127.0.0.1:5000" or got == header.lower()
