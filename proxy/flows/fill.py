@@ -140,6 +140,11 @@ class Fill:
         self.relayed += length
         return True
 
+    def untake_relay(self, length: int) -> None:
+        """A lazy read :meth:`take_relay` allowed that upstream would not give as a range:
+        no second copy came, so the share is left to the next one."""
+        self.relayed -= length
+
     def far_from(self, pos: int, gap: int) -> bool:
         """Are the bytes at ``pos`` more than ``gap`` away from arriving (a lazy puller's range
         deep into a blob that has just started)?"""

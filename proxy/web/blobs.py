@@ -232,6 +232,7 @@ async def _serve_fill(request: web.Request, fill: Fill) -> web.StreamResponse:
             relayed = await _relay(request, fill, body)
             if relayed is not None:
                 return relayed
+            fill.untake_relay(rng.length)
     reader = id(body.resp)
     try:
         fill.attach(reader, body.first)

@@ -305,3 +305,35 @@ async def test_lazy_reads_of_one_download_stop_at_an_eighth_of_the_blob(
     assert await third == data[first : last + 1]
     assert await whole == data
     assert (first, last) not in [range_of(s) for s in blob_gets(fake, digest) if "range" in s.headers]
+
+
+async def test_a_lazy_read_upstream_would_not_range_leaves_the_share_to_the_next(
+    start_proxy: StartProxy,
+    fake: FakeUpstream,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    size = 16 * MiB  # an eighth: 2 MiB of lazy reads
+    data = os.urandom(size)
+    digest = fake.add_blob(data)
+    fake.faults[digest] = BlobFaults(stall_at=1)
+    joined = attaching(monkeypatch)
+    proxy = await start_proxy({"docker.io": fake.url}, parallel_fill_threshold=64 * MiB, lazy_range_gap=MiB)
+    whole = asyncio.create_task(fetch(session, url(proxy, digest)))
+    await fake.faults[digest].stalled.wait()
+    assert await joined.get() == 0
+    fake.faults[digest].stall_at = None
+    fake.ignore_ranges = True  # the first lazy read's own request gets the whole blob: not relayed
+    first, last = 8 * MiB, 9 * MiB - 1
+    waiting = asyncio.create_task(fetch(session, url(proxy, digest), {"Range": f"bytes={first}-{last}"}))
+    async with asyncio.timeout(60):
+        assert await joined.get() == first  # it waits for the download instead
+    fake.ignore_ranges = False
+    spans = [(n * MiB, (n + 1) * MiB - 1) for n in (10, 12)]
+    for lo, hi in spans:  # the share holds what was relayed, not what was asked: both relayed
+        got = await fetch(session, url(proxy, digest), {"Range": f"bytes={lo}-{hi}"})
+        assert got == data[lo : hi + 1]
+    assert [range_of(s) for s in blob_gets(fake, digest)][-2:] == spans
+    fake.faults[digest].resume()
+    assert await waiting == data[first : last + 1]
+    assert await whole == data
