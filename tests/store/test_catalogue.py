@@ -226,3 +226,24 @@ async def test_the_start_up_size_check_drops_what_changed_behind_our_back(
     await second.app[keys.CACHE].checked()
     assert set(second.app[keys.CATALOGUE].blobs) == {digests[2]}
     assert await second.cached() == {digests[2]}
+
+
+async def test_a_directory_where_a_blob_was_is_dropped_by_the_size_check_and_left_alone(
+    start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    blobs = [os.urandom(1000 + i) for i in range(2)]
+    digests = [fake.add_blob(b) for b in blobs]
+    cache = tmp_path / "cache"
+    first = await start_proxy({"docker.io": fake.url}, cache_dir=cache)
+    for digest in digests:
+        async with session.get(f"{first.url}/v2/library/app/blobs/{digest}") as resp:
+            await resp.read()
+    await first.cached()
+    await first.server.close()
+    path = Storage(cache).blob_path(Digest.parse(digests[0]))
+    path.unlink()
+    path.mkdir()  # not a file of ours: not served, not deleted, no row kept for it
+    second = await start_proxy({"docker.io": fake.url}, cache_dir=cache)
+    await second.app[keys.CACHE].checked()
+    assert set(second.app[keys.CATALOGUE].blobs) == {digests[1]}
+    assert path.is_dir()
