@@ -14,7 +14,9 @@ Touched only from the event loop thread.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import stat
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +31,19 @@ class _Entry:
 
 
 def _open(path: Path) -> tuple[int, int]:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    """Only a regular file the cache wrote: a symlink (O_NOFOLLOW) or a directory put under a
+    digest's name is not that blob, whatever its size, and counts as gone."""
     try:
-        return fd, os.fstat(fd).st_size
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise FileNotFoundError(errno.ENOENT, "not a regular file", str(path)) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileNotFoundError(errno.ENOENT, "not a regular file", str(path))
+        return fd, st.st_size
     except OSError:
         os.close(fd)
         raise

@@ -65,3 +65,19 @@ async def test_bounded_and_in_use_descriptors_survive_trimming(tmp_path: Path) -
 async def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         await OpenFiles().acquire("x", tmp_path / "x")
+
+
+async def test_only_a_regular_file_is_opened_as_a_blob(tmp_path: Path) -> None:
+    # A link put where a blob was, to a file of the right size outside the cache, or a
+    # directory there: neither is the blob, and both count as gone (it is fetched again).
+    outside = make(tmp_path, "outside", b"x" * 4096)
+    link = tmp_path / "link"
+    link.symlink_to(outside)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    files = OpenFiles()
+    for path in (link, folder):
+        with pytest.raises(FileNotFoundError):
+            await files.acquire(path.name, path)
+    assert len(files) == 0
+    files.close()
