@@ -120,13 +120,24 @@ class BlobCache:
         first is safe too."""
         expected = {d: e.size for d, e in self.catalogue.blobs.items()}
         sizes = await asyncio.to_thread(self.storage.sizes, list(expected))
-        wrong = [d for d, size in sizes.items() if size != expected[d] and d in self.catalogue.blobs]
-        for digest in wrong:
-            log.warning("blob_size_mismatch", digest=digest, verified=expected[digest], on_disk=sizes[digest])
-            await self.remove(Digest.parse(digest))
-        missing = [d for d in expected if d not in sizes and d in self.catalogue.blobs]
-        for digest in missing:
-            self.catalogue.drop(digest)
+        suspects = [d for d in expected if sizes.get(d) != expected[d]]
+        # The pass takes seconds over a big cache, and a blob can be removed and fetched again
+        # meanwhile: judge each suspect on its file and row as they are now, not at the scan.
+        now = await asyncio.to_thread(lambda: {d: self.storage.regular_size(d) for d in suspects})
+        wrong: list[str] = []
+        missing: list[str] = []
+        for digest in suspects:
+            entry = self.catalogue.entry(digest)
+            size = now[digest]
+            if entry is None or size == entry.size:
+                continue
+            if size is None:
+                missing.append(digest)
+                self.catalogue.drop(digest)
+            else:
+                wrong.append(digest)
+                log.warning("blob_size_mismatch", digest=digest, verified=entry.size, on_disk=size)
+                await self.remove(Digest.parse(digest))
         log.info("cache_sizes_checked", blobs=len(expected), wrong=len(wrong), missing=len(missing))
 
     async def checked(self) -> None:

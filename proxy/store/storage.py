@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -118,6 +119,15 @@ class Storage:
         except OSError:
             return None
         return StoredBlob(digest, st.st_size, st.st_mtime)
+
+    def regular_size(self, digest: str) -> int | None:
+        """The size of the regular file under ``digest``'s name; None if there is none."""
+        alg, _, hexpart = digest.partition(":")
+        try:
+            st = os.stat(self.blobs / alg / hexpart, follow_symlinks=False)
+        except OSError:
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
 
     def sizes(self, digests: list[str]) -> dict[str, int]:
         """The sizes of those files that still exist as regular files.

@@ -247,3 +247,31 @@ async def test_a_directory_where_a_blob_was_is_dropped_by_the_size_check_and_lef
     await second.app[keys.CACHE].checked()
     assert set(second.app[keys.CATALOGUE].blobs) == {digests[1]}
     assert path.is_dir()
+
+
+async def test_a_blob_fetched_again_while_the_size_check_runs_keeps_its_row(
+    start_proxy: StartProxy,
+    fake: FakeUpstream,
+    session: aiohttp.ClientSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The check's pass over the files takes seconds in a big cache: a blob it found missing
+    # may be back (fetched again) by the time it acts. Its new row must stay.
+    blob = os.urandom(2000)
+    digest = fake.add_blob(blob)
+    cache = tmp_path / "cache"
+    first = await start_proxy({"docker.io": fake.url}, cache_dir=cache)
+    async with session.get(f"{first.url}/v2/library/app/blobs/{digest}") as resp:
+        assert await resp.read() == blob
+    await first.cached()
+    await first.server.close()
+    # What the pass saw: no file (it was gone when the pass read the directory).
+    monkeypatch.setattr(Storage, "sizes", lambda self, digests: {})
+    second = await start_proxy({"docker.io": fake.url}, cache_dir=cache)
+    await second.app[keys.CACHE].checked()
+    assert digest in second.app[keys.CATALOGUE].blobs
+    gets = len(fake.seen)
+    async with session.get(f"{second.url}/v2/library/app/blobs/{digest}") as resp:
+        assert await resp.read() == blob
+    assert len(fake.seen) == gets  # served from the cache, not fetched again
