@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import os
 import re
+from dataclasses import dataclass
 from email.parser import BytesParser
 from email.policy import HTTP
 
@@ -241,6 +242,36 @@ def attaching(monkeypatch: pytest.MonkeyPatch) -> asyncio.Queue[int]:
     return joined
 
 
+@dataclass
+class Stalled:
+    """A whole-body pull of a cold blob whose download is stalled one byte in."""
+
+    proxy: Proxy
+    data: bytes
+    digest: str
+    whole: asyncio.Task[bytes]
+    joined: asyncio.Queue[int]
+
+
+async def stalled_download(
+    start_proxy: StartProxy,
+    fake: FakeUpstream,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    size: int,
+    **settings: object,
+) -> Stalled:
+    data = os.urandom(size)
+    digest = fake.add_blob(data)
+    fake.faults[digest] = BlobFaults(stall_at=1)
+    joined = attaching(monkeypatch)
+    proxy = await start_proxy({"docker.io": fake.url}, parallel_fill_threshold=64 * MiB, **settings)
+    whole = asyncio.create_task(fetch(session, url(proxy, digest)))
+    await fake.faults[digest].stalled.wait()
+    assert await joined.get() == 0  # the whole-body reader
+    return Stalled(proxy, data, digest, whole, joined)
+
+
 async def test_a_long_range_far_ahead_joins_the_download_instead_of_a_second_copy(
     start_proxy: StartProxy,
     fake: FakeUpstream,
@@ -250,20 +281,10 @@ async def test_a_long_range_far_ahead_joins_the_download_instead_of_a_second_cop
 ) -> None:
     # containerd's 8 MiB chunks are a pull in parts: relaying each would fetch the blob twice
     # over the same link (the lazy-range scenario: 1.92 blobs upstream, 1.20x the time).
-    size = 12 * MiB
-    data = os.urandom(size)
-    digest = fake.add_blob(data)
-    fake.faults[digest] = BlobFaults(stall_at=1)
-    joined = attaching(monkeypatch)
-    proxy = await start_proxy(
-        {"docker.io": fake.url},
-        parallel_fill_threshold=64 * MiB,
-        lazy_range_gap=MiB,
-        lazy_range_max=MiB // 2,
+    run = await stalled_download(
+        start_proxy, fake, session, monkeypatch, 12 * MiB, lazy_range_gap=MiB, lazy_range_max=MiB // 2
     )
-    whole = asyncio.create_task(fetch(session, url(proxy, digest)))
-    await fake.faults[digest].stalled.wait()
-    assert await joined.get() == 0  # the whole-body reader
+    proxy, data, digest, whole, joined = run.proxy, run.data, run.digest, run.whole, run.joined
     first, last = 10 * MiB, 11 * MiB - 1  # 1 MiB: longer than lazy_range_max
     with structlog.testing.capture_logs() as logs:
         ranged = asyncio.create_task(fetch(session, url(proxy, digest), {"Range": f"bytes={first}-{last}"}))
@@ -282,15 +303,9 @@ async def test_lazy_reads_of_one_download_stop_at_an_eighth_of_the_blob(
     session: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    size = 16 * MiB  # an eighth: 2 MiB of lazy reads
-    data = os.urandom(size)
-    digest = fake.add_blob(data)
-    fake.faults[digest] = BlobFaults(stall_at=1)
-    joined = attaching(monkeypatch)
-    proxy = await start_proxy({"docker.io": fake.url}, parallel_fill_threshold=64 * MiB, lazy_range_gap=MiB)
-    whole = asyncio.create_task(fetch(session, url(proxy, digest)))
-    await fake.faults[digest].stalled.wait()
-    assert await joined.get() == 0
+    # 16 MiB: an eighth is 2 MiB of lazy reads.
+    run = await stalled_download(start_proxy, fake, session, monkeypatch, 16 * MiB, lazy_range_gap=MiB)
+    proxy, data, digest, whole, joined = run.proxy, run.data, run.digest, run.whole, run.joined
     fake.faults[digest].stall_at = None  # the lazy reads' own requests are not held up
     spans = [(n * MiB, (n + 1) * MiB - 1) for n in (10, 12)]
     for first, last in spans:  # both fit in the share: each fetched for its client, at once
@@ -313,15 +328,9 @@ async def test_a_lazy_read_upstream_would_not_range_leaves_the_share_to_the_next
     session: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    size = 16 * MiB  # an eighth: 2 MiB of lazy reads
-    data = os.urandom(size)
-    digest = fake.add_blob(data)
-    fake.faults[digest] = BlobFaults(stall_at=1)
-    joined = attaching(monkeypatch)
-    proxy = await start_proxy({"docker.io": fake.url}, parallel_fill_threshold=64 * MiB, lazy_range_gap=MiB)
-    whole = asyncio.create_task(fetch(session, url(proxy, digest)))
-    await fake.faults[digest].stalled.wait()
-    assert await joined.get() == 0
+    # 16 MiB: an eighth is 2 MiB of lazy reads.
+    run = await stalled_download(start_proxy, fake, session, monkeypatch, 16 * MiB, lazy_range_gap=MiB)
+    proxy, data, digest, whole, joined = run.proxy, run.data, run.digest, run.whole, run.joined
     fake.faults[digest].stall_at = None
     fake.ignore_ranges = True  # the first lazy read's own request gets the whole blob: not relayed
     first, last = 8 * MiB, 9 * MiB - 1

@@ -206,18 +206,31 @@ async def test_one_process_writes_a_cache_directory(
         assert "Traceback" not in done.stderr
 
 
+async def cached_then_stopped(
+    start_proxy: StartProxy,
+    fake: FakeUpstream,
+    session: aiohttp.ClientSession,
+    cache: Path,
+    blobs: list[bytes],
+) -> list[str]:
+    """``blobs`` pulled through a proxy on ``cache``, committed, and that proxy stopped."""
+    digests = [fake.add_blob(b) for b in blobs]
+    first = await start_proxy({"docker.io": fake.url}, cache_dir=cache)
+    for digest, blob in zip(digests, blobs, strict=True):
+        async with session.get(f"{first.url}/v2/library/app/blobs/{digest}") as resp:
+            assert await resp.read() == blob
+    await first.cached()
+    await first.server.close()
+    return digests
+
+
 async def test_the_start_up_size_check_drops_what_changed_behind_our_back(
     start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    blobs = [os.urandom(1000 + i) for i in range(3)]
-    digests = [fake.add_blob(b) for b in blobs]
     cache = tmp_path / "cache"
-    first = await start_proxy({"docker.io": fake.url}, cache_dir=cache)
-    for digest in digests:
-        async with session.get(f"{first.url}/v2/library/app/blobs/{digest}") as resp:
-            await resp.read()
-    await first.cached()
-    await first.server.close()
+    digests = await cached_then_stopped(
+        start_proxy, fake, session, cache, [os.urandom(1000 + i) for i in range(3)]
+    )
     storage = Storage(cache)
     os.truncate(storage.blob_path(Digest.parse(digests[0])), 10)
     with open(storage.blob_path(Digest.parse(digests[1])), "ab") as f:
@@ -231,15 +244,10 @@ async def test_the_start_up_size_check_drops_what_changed_behind_our_back(
 async def test_a_directory_where_a_blob_was_is_dropped_by_the_size_check_and_left_alone(
     start_proxy: StartProxy, fake: FakeUpstream, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    blobs = [os.urandom(1000 + i) for i in range(2)]
-    digests = [fake.add_blob(b) for b in blobs]
     cache = tmp_path / "cache"
-    first = await start_proxy({"docker.io": fake.url}, cache_dir=cache)
-    for digest in digests:
-        async with session.get(f"{first.url}/v2/library/app/blobs/{digest}") as resp:
-            await resp.read()
-    await first.cached()
-    await first.server.close()
+    digests = await cached_then_stopped(
+        start_proxy, fake, session, cache, [os.urandom(1000 + i) for i in range(2)]
+    )
     path = Storage(cache).blob_path(Digest.parse(digests[0]))
     path.unlink()
     path.mkdir()  # not a file of ours: not served, not deleted, no row kept for it
@@ -259,13 +267,8 @@ async def test_a_blob_fetched_again_while_the_size_check_runs_keeps_its_row(
     # The check's pass over the files takes seconds in a big cache: a blob it found missing
     # may be back (fetched again) by the time it acts. Its new row must stay.
     blob = os.urandom(2000)
-    digest = fake.add_blob(blob)
     cache = tmp_path / "cache"
-    first = await start_proxy({"docker.io": fake.url}, cache_dir=cache)
-    async with session.get(f"{first.url}/v2/library/app/blobs/{digest}") as resp:
-        assert await resp.read() == blob
-    await first.cached()
-    await first.server.close()
+    (digest,) = await cached_then_stopped(start_proxy, fake, session, cache, [blob])
     # What the pass saw: no file (it was gone when the pass read the directory).
     monkeypatch.setattr(Storage, "sizes", lambda self, digests: {})
     second = await start_proxy({"docker.io": fake.url}, cache_dir=cache)
