@@ -123,7 +123,7 @@ class BlobCache:
         suspects = [d for d in expected if sizes.get(d) != expected[d]]
         # The pass takes seconds over a big cache, and a blob can be removed and fetched again
         # meanwhile: judge each suspect on its file and row as they are now, not at the scan.
-        now = await asyncio.to_thread(lambda: {d: self.storage.regular_size(d) for d in suspects})
+        now = await asyncio.to_thread(lambda: {d: self._size_now(d) for d in suspects})
         wrong: list[str] = []
         missing: list[str] = []
         for digest in suspects:
@@ -139,6 +139,10 @@ class BlobCache:
                 log.warning("blob_size_mismatch", digest=digest, verified=entry.size, on_disk=size)
                 await self.remove(Digest.parse(digest))
         log.info("cache_sizes_checked", blobs=len(expected), wrong=len(wrong), missing=len(missing))
+
+    def _size_now(self, digest: str) -> int | None:
+        found = self.storage.stat(digest)
+        return None if found is None else found.size
 
     async def checked(self) -> None:
         """Wait for the start-up size check (tests)."""

@@ -113,21 +113,14 @@ class Storage:
         return found
 
     def stat(self, digest: str) -> StoredBlob | None:
+        """The regular file under ``digest``'s name; None if there is none (a link or a
+        directory there is not a blob of ours)."""
         alg, _, hexpart = digest.partition(":")
         try:
             st = os.stat(self.blobs / alg / hexpart, follow_symlinks=False)
         except OSError:
             return None
-        return StoredBlob(digest, st.st_size, st.st_mtime)
-
-    def regular_size(self, digest: str) -> int | None:
-        """The size of the regular file under ``digest``'s name; None if there is none."""
-        alg, _, hexpart = digest.partition(":")
-        try:
-            st = os.stat(self.blobs / alg / hexpart, follow_symlinks=False)
-        except OSError:
-            return None
-        return st.st_size if stat.S_ISREG(st.st_mode) else None
+        return StoredBlob(digest, st.st_size, st.st_mtime) if stat.S_ISREG(st.st_mode) else None
 
     def sizes(self, digests: list[str]) -> dict[str, int]:
         """The sizes of those files that still exist as regular files.
