@@ -91,6 +91,7 @@ def flags(ns: argparse.Namespace) -> dict[str, Any]:
         "log_level": "log_level",
         "log_format": "log_format",
         "offline": "offline",
+        "workers": "workers",
         "cluster.redis": "redis",
         "cluster.advertise": "advertise",
     }

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import shutil
 import signal
 import ssl
+import tempfile
 from pathlib import Path
 
 import structlog
@@ -14,14 +17,14 @@ from aiohttp import web
 from proxy.cli.common import UPSTREAM_HELP
 from proxy.cli.logs import access_log
 from proxy.core import listenaddr
-from proxy.core.authconfig import TlsConfig
 from proxy.core.clusterconfig import advertised
 from proxy.core.config import Settings
-from proxy.core.configvalues import ConfigError
 from proxy.core.effective import effective
 from proxy.web import keys, tls
 from proxy.web.app import create_app
 from proxy.web.runner import AppRunner
+from proxy.web.tls import reload_logged as reload_tls
+from proxy.workers.supervisor import Supervisor
 
 log = structlog.get_logger("ocicache")
 
@@ -57,6 +60,12 @@ def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="URL",
         help="the URL other replicas reach this one at (default: from --listen)",
     )
+    s.add_argument(
+        "--workers",
+        metavar="N",
+        help="processes serving the port (SO_REUSEPORT): one owns the cache, N-1 answer warm "
+        "requests and relay the rest to it (default 1)",
+    )
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
     s.add_argument(
         "--log-format",
@@ -76,34 +85,39 @@ def run(settings: Settings, ns: argparse.Namespace) -> int:
     if ns.event_loop == "uvloop":
         import uvloop
 
-        uvloop.run(serve(settings, ssl_context))
+        uvloop.run(serve(settings, ssl_context, event_loop=ns.event_loop))
     else:
-        asyncio.run(serve(settings, ssl_context))
+        asyncio.run(serve(settings, ssl_context, event_loop=ns.event_loop))
     return 0
 
 
-async def reload_tls(ctx: ssl.SSLContext, cfg: TlsConfig) -> None:
-    """SIGHUP: the renewed certificate for new connections; open ones keep theirs."""
-    try:
-        await asyncio.to_thread(tls.check, cfg)
-        tls.reload(ctx, cfg)
-    except ConfigError as exc:
-        log.error("tls_reload_failed", error=str(exc), kept="previous certificate")
-        print(f"ocicache: TLS reload failed, still serving the previous certificate: {exc}", flush=True)
-        return
-    log.info("tls_reloaded", cert=str(cfg.cert))
-    print(f"ocicache: reloaded TLS certificate {cfg.cert}", flush=True)
-
-
-async def serve(settings: Settings, ssl_context: ssl.SSLContext | None = None) -> None:
+async def serve(
+    settings: Settings, ssl_context: ssl.SSLContext | None = None, *, event_loop: str = "asyncio"
+) -> None:
     app = create_app(settings, access=access_log())
     log.info("settings", **effective(settings))
     runner = AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
+    several = settings.workers > 1
     site = web.TCPSite(
-        runner, settings.listen_host, settings.listen_port, backlog=1024, ssl_context=ssl_context
+        runner,
+        settings.listen_host,
+        settings.listen_port,
+        backlog=1024,
+        ssl_context=ssl_context,
+        reuse_port=several or None,
     )
     await site.start()
+    supervisor: Supervisor | None = None
+    relay_dir: str | None = None
+    if several:
+        # Only this user may enter the directory, so only our workers reach the socket.
+        relay_dir = tempfile.mkdtemp(prefix="ocicache-")
+        socket_path = os.path.join(relay_dir, "primary.sock")
+        await web.UnixSite(runner, socket_path).start()
+        port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+        supervisor = Supervisor(settings, socket_path, port, event_loop)
+        await supervisor.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -116,6 +130,8 @@ async def serve(settings: Settings, ssl_context: ssl.SSLContext | None = None) -
     reloads: set[asyncio.Task[None]] = set()
 
     def on_hup() -> None:
+        if supervisor is not None:
+            supervisor.signal(signal.SIGHUP)
         if ssl_context is None or settings.tls is None:
             log.info("sighup_ignored", reason="no tls: configured; credential files reload by themselves")
             return
@@ -126,11 +142,12 @@ async def serve(settings: Settings, ssl_context: ssl.SSLContext | None = None) -
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     scheme = "https" if ssl_context is not None else "http"
     cluster = app.get(keys.CLUSTER)
-    if cluster is not None and settings.cluster.advertise is None and runner.addresses:
+    listening = [a for a in runner.addresses if isinstance(a, tuple)]  # not the workers' socket
+    if cluster is not None and settings.cluster.advertise is None and listening:
         # The port is known only now (--listen :0).
-        host, port, *_ = runner.addresses[0]
+        host, port, *_ = listening[0]
         cluster.advertise(advertised(settings.cluster, host, port, tls=ssl_context is not None))
-    for host, port, *_ in runner.addresses:
+    for host, port, *_ in listening:
         where = listenaddr.describe(scheme, host, port)
         log.info(
             "listening",
@@ -139,11 +156,20 @@ async def serve(settings: Settings, ssl_context: ssl.SSLContext | None = None) -
             advertise=None if cluster is None else cluster.me,
             cache_dir=str(settings.cache_dir),
             offline=settings.offline,
+            workers=settings.workers,
+            worker_pids=[] if supervisor is None else supervisor.pids,
         )
         mode = ", offline: no upstream is contacted" if settings.offline else ""
+        if several:
+            mode += f", {settings.workers} processes"
+
         print(f"ocicache listening on {where} (cache: {settings.cache_dir}{mode})", flush=True)
     try:
         await stop.wait()
     finally:
         log.info("stopping")
+        if supervisor is not None:
+            await supervisor.stop()  # first: what they relay still finds this process
         await runner.cleanup()
+        if relay_dir is not None:
+            shutil.rmtree(relay_dir, ignore_errors=True)

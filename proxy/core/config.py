@@ -147,6 +147,9 @@ class Settings:
     idle_timeout: float = 60.0
     max_connections_per_address: int = 256
     max_requests_per_connection: int = 1000
+    # Processes serving the one port (SO_REUSEPORT): the primary, which owns the cache, and
+    # workers-1 front workers that answer warm requests and relay the rest to it.
+    workers: int = 1
     log_level: str = "info"
     # auto: a readable console format when stderr is a terminal, JSON lines otherwise.
     log_format: str = "auto"
@@ -358,6 +361,7 @@ PARSERS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "idle_timeout": parse_positive_seconds,
     "max_connections_per_address": lambda k, v: parse_int(k, v, maximum=1_000_000),
     "max_requests_per_connection": lambda k, v: parse_int(k, v, minimum=1, maximum=10_000_000),
+    "workers": lambda k, v: parse_int(k, v, minimum=1, maximum=64),
     "log_level": parse_choice(("debug", "info", "warning", "error")),
     "log_format": parse_choice(("auto", "json", "console")),
     "docker_config": parse_path,
@@ -446,6 +450,10 @@ def build(*layers: Mapping[str, Any]) -> Settings:
         except BadReference as exc:
             raise ConfigError(f"pins[{i}]", str(exc)) from None
     check_rule_upstreams(settings.auth, [u.name for u in settings.upstreams])
+    if settings.workers > 1 and settings.cluster.enabled:
+        # A replica's peers stream from the process that holds a download's lease: the
+        # primary; workers would have to tell them apart. Not built yet.
+        raise ConfigError("workers", "several workers are not supported with cluster: yet")
     return settings
 
 

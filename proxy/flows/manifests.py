@@ -201,6 +201,22 @@ class ManifestStore:
 
     # --- lookups -----------------------------------------------------------------------------
 
+    def fresh_for(
+        self, upstream: UpstreamClient, repository: str, reference: Digest | str, accept_headers: list[str]
+    ) -> float:
+        """Seconds the answer :meth:`get` would give now stays the one it gives without asking
+        upstream (inf: a digest, offline, or a tag kept forever). What a front worker may reuse."""
+        if isinstance(reference, Digest) or upstream.offline:
+            return float("inf")
+        answer = choose_answer(
+            dict(self.catalogue.answers((upstream.name, repository, reference))),
+            accepted_types(accept_headers),
+        )
+        if answer is None:
+            return 0.0
+        ttl = self.settings.ttl_for(upstream.cfg, reference)
+        return float("inf") if ttl is None else answer.fetched + ttl - time.time()
+
     async def get(
         self,
         upstream: UpstreamClient,

@@ -21,7 +21,7 @@ from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError, code_for_status, error_response
 from proxy.flows.engine import Engine, running
 from proxy.flows.fills import Fill, State
-from proxy.web import admin, gate, guard, handlers, health, keys, login, peering, setup, status
+from proxy.web import admin, gate, guard, handlers, health, keys, login, peering, setup, status, workerlink
 from proxy.web.accesslog import AccessLog, ThroughStructlog
 from proxy.web.jobs import Jobs, Prefetcher
 from proxy.web.lifecycle import Lifecycle
@@ -50,6 +50,8 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
     except Exception:
         log.exception("handler_crashed", method=request.method, path=request.path)
         resp = error_response(OciError(Code.UNKNOWN, "internal error"))
+    if request.get(keys.INTERNAL):
+        return resp  # the primary and a worker talking: the worker logs and counts the answer
     status = resp.status
     cache = request.get(keys.CACHE_RESULT, "-")
     upstream = request.get(keys.UPSTREAM, "-")
@@ -215,6 +217,11 @@ def create_app(
         # The admin API checks its own token (not a client login).
         *admin.HANDLERS,
     )
+    workers = settings.workers > 1
+    if workers:
+        public = (*public, workerlink.report)
+        # Outermost: the rest sees a relayed request as the client's own.
+        middlewares.insert(0, workerlink.middleware)
     if settings.cluster.enabled:
         # Before client auth: a peer's request proves itself with the cluster token instead.
         middlewares.append(peering.middleware())
@@ -239,6 +246,8 @@ def create_app(
     app.on_cleanup.append(_flush_access)
     app.router.add_route("*", "/v2/", handlers.base)
     app.router.add_route("*", "/v2/{tail:.*}", handlers.registry_api)
+    if workers:
+        app.router.add_post(workerlink.REPORT_PATH, workerlink.report)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)

@@ -35,6 +35,7 @@ from proxy.flows.window import Cut
 from proxy.upstream.client import UpstreamClient
 from proxy.web import keys
 from proxy.web.zerocopy import FileShrunk, send_file
+from proxy.workers import internal
 
 log = structlog.get_logger("ocicache.handlers")
 
@@ -115,6 +116,8 @@ def ranged(request: web.Request) -> bool:
 async def blob(
     request: web.Request, client: UpstreamClient, repository: str, digest: Digest
 ) -> web.StreamResponse:
+    if request.get(keys.VIA_WORKER) and internal.PROBE in request.headers:
+        return await _probe(request, client, repository, digest)
     cache = request.app[keys.CACHE]
     fills = request.app[keys.FILLS]
     # A blob we hold (or are fetching) through another repository is not this one's to see
@@ -157,6 +160,25 @@ async def blob(
         fills.leave(fill)
 
 
+async def _probe(
+    request: web.Request, client: UpstreamClient, repository: str, digest: Digest
+) -> web.Response:
+    """A front worker asks whether it may send this blob from the cache's file itself: yes
+    (its size) when the file is whole and this repository may read it; else a 404 and the
+    worker relays the request. Opening the file counts it as used (the LRU)."""
+    request[keys.INTERNAL] = True
+    cache = request.app[keys.CACHE]
+    if request.method != "HEAD" or digest not in cache:
+        raise OciError(Code.BLOB_UNKNOWN, "not cached")
+    await request.app[keys.ACCESS].check(client, repository, digest)
+    try:
+        fd, size = await cache.open(digest)
+    except FileNotFoundError:
+        raise OciError(Code.BLOB_UNKNOWN, "not cached") from None
+    cache.release(digest, fd)
+    return web.Response(status=200, headers={internal.FILE: str(size)})
+
+
 async def _serve_peer(request: web.Request, digest: Digest) -> web.StreamResponse:
     """A peer asks for a blob we do not hold: it may tail our fill only if that fill fetches from
     upstream (we hold its lease). We never fetch for a peer, nor pass on what we get from
@@ -196,13 +218,13 @@ async def _serve_cached(request: web.Request, digest: Digest, fd: int, size: int
     cache = request.app[keys.CACHE]
     with cache.pinned(digest):
         try:
-            return await _send(request, body, fd, None)
+            return await send_body(request, body, fd, None)
         except FileShrunk:
             # Truncated behind our back while we served it: this client is cut off, and the
             # next one gets it fetched again instead of the same short file.
             log.warning("cached_blob_shrank", digest=str(digest), size=size)
             await cache.remove(digest)
-            return _abort(request, body.resp)
+            return abort(request, body.resp)
 
 
 async def _serve_fill(request: web.Request, fill: Fill) -> web.StreamResponse:
@@ -242,7 +264,7 @@ async def _serve_fill(request: web.Request, fill: Fill) -> web.StreamResponse:
         raise OciError(Code.UNAVAILABLE, str(exc), headers={"Retry-After": "1"}) from None
     try:
         with request.app[keys.CACHE].pinned(fill.digest):
-            return await _send(request, body, fill.read_fd, fill)
+            return await send_body(request, body, fill.read_fd, fill)
     finally:
         fill.detach(reader)
 
@@ -274,10 +296,10 @@ async def _relay(request: web.Request, fill: Fill, body: Body) -> web.StreamResp
                 if sent >= rng.length:
                     break
         except (OciError, ConnectionError):
-            return _abort(request, resp)
+            return abort(request, resp)
         request[keys.SENT] = sent
         if sent < rng.length:
-            return _abort(request, resp)
+            return abort(request, resp)
         await resp.write_eof()
         return resp
     finally:
@@ -289,14 +311,14 @@ def _client_of(request: web.Request) -> str:
     return f"{request.remote} ({agent})"
 
 
-async def _send(request: web.Request, body: Body, fd: int, fill: Fill | None) -> web.StreamResponse:
+async def send_body(request: web.Request, body: Body, fd: int, fill: Fill | None) -> web.StreamResponse:
     """Send ``body`` from ``fd``; with a ``fill``, tail its file as it grows, and take from its
     window the bytes a full disk kept in memory."""
     resp = body.resp
     try:
         writer = await resp.prepare(request)
     except ConnectionError:
-        return _abort(request, resp)  # the client left before the headers went out
+        return abort(request, resp)  # the client left before the headers went out
     assert writer is not None
     if request.method == "HEAD":
         await resp.write_eof()
@@ -311,13 +333,13 @@ async def _send(request: web.Request, body: Body, fd: int, fill: Fill | None) ->
     except FileShrunk:
         if fill is None:
             raise  # a cached file: the caller drops it, then aborts
-        return _abort(request, resp)
+        return abort(request, resp)
     except (FillFailed, Cut, ConnectionError):
-        return _abort(request, resp)
+        return abort(request, resp)
     except Exception:
         # Headers are gone already: the only honest way left to fail is to cut the connection.
         log.exception("send_failed", path=request.path)
-        return _abort(request, resp)
+        return abort(request, resp)
     await resp.write_eof()
     return resp
 
@@ -350,7 +372,7 @@ async def _send_span(
         pos = limit
 
 
-def _abort(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
+def abort(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
     """End the connection abruptly: a client must never take a short or bad body as whole."""
     request[keys.ABORTED] = True
     resp.force_close()

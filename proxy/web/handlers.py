@@ -8,6 +8,7 @@ log line the middleware in :mod:`app` writes per request.
 from __future__ import annotations
 
 import json
+from typing import Final
 
 import structlog
 from aiohttp import web
@@ -22,8 +23,12 @@ from proxy.core.routing import Route, route
 from proxy.upstream.client import UpstreamClient
 from proxy.web import blobs, keys
 from proxy.web.blobs import API_VERSION
+from proxy.workers import internal
 
 log = structlog.get_logger("ocicache.handlers")
+
+# Manifest answers a front worker may give again (not "stale": upstream is asked each time).
+REUSABLE: Final = frozenset({"hit", "miss", "revalidated", "offline", "shared"})
 
 
 async def base(request: web.Request) -> web.Response:
@@ -77,15 +82,16 @@ async def manifest(
         # A pull asks for its tag once: the status page's pulls by image.
         request.app[keys.PULLS].count(client.name, repository, reference, served.source)
     request[keys.SENT] = 0 if request.method == "HEAD" else served.size
-    return web.Response(
-        body=served.body,
-        headers={
-            **API_VERSION,
-            "Content-Type": served.media_type,
-            "Docker-Content-Digest": str(served.digest),
-            "ETag": f'"{served.digest}"',
-        },
-    )
+    headers = {
+        **API_VERSION,
+        "Content-Type": served.media_type,
+        "Docker-Content-Digest": str(served.digest),
+        "ETag": f'"{served.digest}"',
+    }
+    if request.get(keys.VIA_WORKER) and served.source in REUSABLE:
+        fresh = store.fresh_for(client, repository, reference, request.headers.getall("Accept", []))
+        headers[internal.REUSE] = repr(internal.reuse_for(fresh))
+    return web.Response(body=served.body, headers=headers)
 
 
 async def referrers(

@@ -69,5 +69,9 @@ SENT: Final = web.RequestKey("sent", int)
 ABORTED: Final = web.RequestKey("aborted", bool)
 # A request from a peer replica (carried the cluster token): the URL it says it is.
 PEER: Final = web.RequestKey("peer", str)
+# Relayed by a front worker over the primary's Unix socket (serve --workers).
+VIA_WORKER: Final = web.RequestKey("via_worker", bool)
+# Between the primary and its workers: no log line, not counted (the worker logs the answer).
+INTERNAL: Final = web.RequestKey("internal", bool)
 # The verified user name (None: anonymous); never a credential.
 USER: Final[web.RequestKey[str | None]] = web.RequestKey("user")

@@ -157,8 +157,9 @@ class Metrics:
         self._view = _WithoutCreated(r)
         self._children: dict[tuple[str, str, int, str], tuple[Counter, Counter]] = {}
 
-    def count(self, kind: str, cache: str, status: int, upstream: str, sent: int) -> None:
-        """One answered request: the warm paths' whole cost in metrics."""
+    def count(self, kind: str, cache: str, status: int, upstream: str, sent: int, n: int = 1) -> None:
+        """One answered request (or ``n`` of them, ``sent`` bytes in all: a front worker's
+        report): the warm paths' whole cost in metrics."""
         key = (kind, cache, status, upstream)
         pair = self._children.get(key)
         if pair is None:
@@ -166,7 +167,7 @@ class Metrics:
                 self.requests.labels(kind, cache, str(status), upstream),
                 self.served_bytes.labels(cache, upstream),
             )
-        pair[0].inc()
+        pair[0].inc(n)
         if sent:
             pair[1].inc(sent)
 

@@ -32,18 +32,18 @@ class Pulls:
         self._counts: dict[ImageKey, PullCount] = {}
         self._limit = limit
 
-    def count(self, upstream: str, repository: str, tag: str, source: str) -> None:
+    def count(self, upstream: str, repository: str, tag: str, source: str, n: int = 1) -> None:
         key = (upstream, repository, tag)
         entry = self._counts.get(key)
         if entry is None:
             if len(self._counts) >= self._limit:
                 self._forget_tail()
             entry = self._counts[key] = PullCount()
-        entry.pulls += 1
+        entry.pulls += n
         if source in _FROM_CACHE:
-            entry.hits += 1
+            entry.hits += n
         else:
-            entry.misses += 1
+            entry.misses += n
 
     def _forget_tail(self) -> None:
         ranked = sorted(self._counts.items(), key=lambda kv: kv[1].pulls, reverse=True)

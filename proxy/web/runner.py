@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -83,12 +84,20 @@ class _Handler(RequestHandler):
         super().__init__(manager, **kwargs)
         self._guard = manager
         self._address: str | None = None  # counted against the limit while open
+        self._internal = False  # a front worker's connection on the Unix socket
         self._head_timer: asyncio.TimerHandle | None = None
         self.answered = 0
 
     # --- connections per address ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            # A front worker's relay (serve --workers): its clients were counted where they
+            # connected, and all of its connections come from one "address".
+            self._internal = True
+            super().connection_made(transport)
+            return
         peer = transport.get_extra_info("peername")
         address = address_key(peer[0] if isinstance(peer, tuple) else None)
         if not self._guard.counts.admit(address):
@@ -107,6 +116,9 @@ class _Handler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
+        if self._internal:
+            super().connection_lost(exc)
+            return
         if self._address is not None:
             self._guard.counts.release(self._address)
             self._guard.closed()

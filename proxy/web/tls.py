@@ -13,11 +13,16 @@ not take them away, so a changed client CA needs a restart.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from pathlib import Path
 
+import structlog
+
 from proxy.core.authconfig import TlsConfig
 from proxy.core.configvalues import ConfigError
+
+log = structlog.get_logger("ocicache")
 
 
 def _no_passphrase() -> bytes:
@@ -64,3 +69,16 @@ def check(cfg: TlsConfig) -> None:
 def reload(ctx: ssl.SSLContext, cfg: TlsConfig) -> None:
     """Load the pair into the live context; call :func:`check` first, and on the loop thread."""
     _load_chain(ctx, cfg)
+
+
+async def reload_logged(ctx: ssl.SSLContext, cfg: TlsConfig) -> None:
+    """SIGHUP: the renewed certificate for new connections; open ones keep theirs."""
+    try:
+        await asyncio.to_thread(check, cfg)
+        reload(ctx, cfg)
+    except ConfigError as exc:
+        log.error("tls_reload_failed", error=str(exc), kept="previous certificate")
+        print(f"ocicache: TLS reload failed, still serving the previous certificate: {exc}", flush=True)
+        return
+    log.info("tls_reloaded", cert=str(cfg.cert))
+    print(f"ocicache: reloaded TLS certificate {cfg.cert}", flush=True)

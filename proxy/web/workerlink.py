@@ -1,0 +1,75 @@
+"""The primary's side of ``serve --workers``: requests its front workers relay over its Unix
+socket (see :mod:`proxy.workers`).
+
+Such a request says which client it is for (address and scheme) in headers that are read
+from no other listener, so limits, log lines and ``/setup``'s URLs are the client's; and the
+workers' counts of the answers they gave themselves arrive at :func:`report`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from proxy.core.errors import Code, OciError
+from proxy.web import keys
+from proxy.workers import internal, tally
+
+REPORT_PATH = "/_ocicache/workers/report"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def over_unix_socket(request: web.BaseRequest) -> bool:
+    transport = request.transport
+    if transport is None:
+        return False
+    sock = transport.get_extra_info("socket")
+    return sock is not None and sock.family == socket.AF_UNIX
+
+
+def _address(value: str | None) -> str | None:
+    if value is None or len(value) > 64:
+        return None
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
+
+
+@web.middleware
+async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: a relayed request becomes the client's own before anything reads it."""
+    if not over_unix_socket(request):
+        return await handler(request)
+    scheme = request.headers.get(internal.SCHEME)
+    relayed = request.clone(
+        remote=_address(request.headers.get(internal.CLIENT)) or "unknown",
+        scheme=scheme if scheme in ("http", "https") else "http",
+    )
+    relayed[keys.VIA_WORKER] = True
+    resp = await handler(relayed)
+    user = relayed.get(keys.USER)
+    if user is not None and not resp.prepared:
+        resp.headers[internal.USER] = user  # for the line the worker logs of its own answers
+    return resp
+
+
+async def report(request: web.Request) -> web.Response:
+    """A worker's counts since its last report (:mod:`proxy.workers.tally`)."""
+    if not request.get(keys.VIA_WORKER):
+        raise OciError(Code.NAME_UNKNOWN, "no such endpoint")
+    request[keys.INTERNAL] = True
+    try:
+        requests, pulls = tally.parse(await request.read())
+    except tally.BadReport as exc:
+        raise OciError(Code.REQUEST_INVALID, str(exc)) from None
+    metrics, counts = request.app[keys.METRICS], request.app[keys.PULLS]
+    for (kind, cache, status, upstream), n, sent in requests:
+        metrics.count(kind, cache, status, upstream, sent, n)
+    for (upstream, repository, tag, source), n in pulls:
+        counts.count(upstream, repository, tag, source, n)
+    return web.Response(status=204)

@@ -1,0 +1,134 @@
+"""The primary's front workers: started once it listens, restarted when one dies, stopped
+before it stops (so that what they relay still finds it).
+
+Each runs ``python -m proxy.workers`` with its orders on stdin (:mod:`.process`).
+A worker that dies is started again after a pause that doubles with each quick death (up to
+:data:`RESTART_MAX`), so a worker that cannot start does not spin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from typing import Final
+
+import structlog
+
+from proxy.core.config import Settings
+from proxy.workers.process import READY, Orders, encode
+
+log = structlog.get_logger("ocicache.workers")
+
+START_TIMEOUT: Final = 30.0
+STOP_TIMEOUT: Final = 30.0
+RESTART_MIN: Final = 0.5
+RESTART_MAX: Final = 30.0
+# A worker that ran this long before dying died of something new: restart it promptly.
+HEALTHY_AFTER: Final = 60.0
+
+
+class Worker:
+    def __init__(self, orders: Orders) -> None:
+        self.orders = orders
+        self.proc: asyncio.subprocess.Process | None = None
+        self.started = 0.0
+        self.pause = RESTART_MIN
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    async def start(self) -> bool:
+        """Start it and wait until it listens; False if it did not within the time."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy.workers",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        self.started = time.monotonic()
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(encode(self.orders))
+        await self.proc.stdin.drain()
+        try:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), START_TIMEOUT)
+        except TimeoutError:
+            line = b""
+        return line == READY
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, socket_path: str, port: int, event_loop: str) -> None:
+        self.workers = [
+            Worker(Orders(settings, socket_path, port, i, event_loop)) for i in range(1, settings.workers)
+        ]
+        self._stopping = False
+        self._watches: list[asyncio.Task[None]] = []
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.pid for w in self.workers if w.pid is not None]
+
+    async def start(self) -> None:
+        await asyncio.gather(*(self._start(w) for w in self.workers))
+        loop = asyncio.get_running_loop()
+        self._watches = [
+            loop.create_task(self._watch(w), name=f"worker {w.orders.index}") for w in self.workers
+        ]
+
+    async def _start(self, worker: Worker) -> None:
+        if await worker.start():
+            log.info("worker_started", index=worker.orders.index, pid=worker.pid)
+        else:
+            log.error("worker_not_ready", index=worker.orders.index, pid=worker.pid, timeout=START_TIMEOUT)
+
+    async def _watch(self, worker: Worker) -> None:
+        while not self._stopping:
+            assert worker.proc is not None
+            code = await worker.proc.wait()
+            if self._stopping:
+                return
+            lived = time.monotonic() - worker.started
+            worker.pause = RESTART_MIN if lived > HEALTHY_AFTER else min(worker.pause * 2, RESTART_MAX)
+            log.warning(
+                "worker_exited", index=worker.orders.index, pid=worker.pid, code=code, restart_in=worker.pause
+            )
+            await asyncio.sleep(worker.pause)
+            if self._stopping:
+                return
+            await self._start(worker)
+
+    def signal(self, sig: int) -> None:
+        for worker in self.workers:
+            if worker.proc is not None and worker.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.send_signal(sig)
+
+    async def stop(self) -> None:
+        """Ask every worker to stop (they finish what is under way), then wait; kill what is
+        left after :data:`STOP_TIMEOUT`."""
+        self._stopping = True
+        for task in self._watches:
+            task.cancel()
+        await asyncio.gather(*self._watches, return_exceptions=True)
+        self.signal(signal.SIGTERM)
+        for worker in self.workers:
+            proc = worker.proc
+            if proc is None:
+                continue
+            if proc.stdin is not None:
+                proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+            except TimeoutError:
+                log.warning("worker_killed", index=worker.orders.index, pid=proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
