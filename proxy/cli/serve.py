@@ -23,7 +23,6 @@ from proxy.core.effective import effective
 from proxy.web import keys, tls
 from proxy.web.app import create_app
 from proxy.web.runner import AppRunner
-from proxy.web.tls import reload_logged as reload_tls
 from proxy.workers.supervisor import Supervisor
 
 log = structlog.get_logger("ocicache")
@@ -135,7 +134,7 @@ async def serve(
         if ssl_context is None or settings.tls is None:
             log.info("sighup_ignored", reason="no tls: configured; credential files reload by themselves")
             return
-        task = loop.create_task(reload_tls(ssl_context, settings.tls))
+        task = loop.create_task(tls.reload_logged(ssl_context, settings.tls))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
@@ -158,6 +157,7 @@ async def serve(
             offline=settings.offline,
             workers=settings.workers,
             worker_pids=[] if supervisor is None else supervisor.pids,
+            workers_socket=None if relay_dir is None else os.path.join(relay_dir, "primary.sock"),
         )
         mode = ", offline: no upstream is contacted" if settings.offline else ""
         if several:

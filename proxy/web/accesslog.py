@@ -4,17 +4,20 @@ Through structlog it costs about a quarter of a warm manifest answer (a lazy log
 call, five processors, ``print`` with a flush: one system call per request). When ``serve``
 logs JSON lines at info, the request line takes a shorter way that writes the same line:
 the same keys and values, a timestamp in the same form, rendered by ``json.dumps`` and
-written in batches, one write per turn of the event loop, so that the requests a turn
-answered cost one system call between them. Everything else, and every line when the console
+written in batches per turn of the event loop, so that the requests a turn answered share
+a few system calls (one per PIPE_BUF bytes of lines). Everything else, and every line when the console
 format or a test's ``capture_logs`` is in use, goes through structlog as before.
 
-A kill -9 loses at most the lines of the turn it interrupts; a clean stop flushes.
+A kill -9 loses at most the lines of the turn it interrupts; a clean stop flushes. Each write
+is whole lines of at most PIPE_BUF bytes, so the processes of ``serve --workers`` sharing one
+stderr pipe never cut into each other's lines.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import select
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +28,8 @@ import structlog
 EVENT: Final = "request"
 # Past this many characters waiting, write now rather than at the end of the turn.
 BATCH_MAX: Final = 64 * 1024
+# What one write to a pipe puts in at once, not interleaved with another process's.
+PIPE_BUF: Final = select.PIPE_BUF
 
 _log = structlog.get_logger("ocicache.access")
 
@@ -95,12 +100,32 @@ class JsonLines:
         self._scheduled = False
         if not self._pending:
             return
-        text = "\n".join(self._pending) + "\n"
-        self._pending.clear()
+        pieces = pipe_sized(self._pending)
+        self._pending = []
         self._size = 0
         stream = self._stream()
         try:
-            stream.write(text)
-            stream.flush()
+            for text in pieces:
+                stream.write(text)
+                stream.flush()
         except (OSError, ValueError):
             pass  # a closed or full stderr loses log lines, never the requests they describe
+
+
+def pipe_sized(lines: list[str], limit: int = PIPE_BUF) -> list[str]:
+    """``lines`` joined into writes of at most ``limit`` bytes, each of whole lines (a longer
+    line alone). Several processes share one stderr with ``serve --workers``: a pipe writes
+    up to PIPE_BUF bytes at once, so lines never interleave mid-line."""
+    pieces: list[str] = []
+    batch: list[str] = []
+    size = 0
+    for line in lines:
+        n = len(line.encode()) + 1 if not line.isascii() else len(line) + 1
+        if batch and size + n > limit:
+            pieces.append("\n".join(batch) + "\n")
+            batch, size = [], 0
+        batch.append(line)
+        size += n
+    if batch:
+        pieces.append("\n".join(batch) + "\n")
+    return pieces

@@ -67,20 +67,22 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
         cluster = request.app[keys.CLUSTER]
         cluster.note("peer_served_blobs")
         cluster.note("peer_served_bytes", sent)
-    request.app[keys.ACCESS_LOG].write(
-        {
-            "method": request.method,
-            "path": request.path,
-            "ns": request.query.get("ns"),
-            "user": request.get(keys.USER),
-            "status": status,
-            "bytes": sent,
-            "cache": cache,
-            "upstream": upstream,
-            "aborted": request.get(keys.ABORTED, False),
-            "ms": round((time.perf_counter() - started) * 1000, 2),
-        }
-    )
+    fields = {
+        "method": request.method,
+        "path": request.path,
+        "ns": request.query.get("ns"),
+        "user": request.get(keys.USER),
+        "status": status,
+        "bytes": sent,
+        "cache": cache,
+        "upstream": upstream,
+        "aborted": request.get(keys.ABORTED, False),
+        "ms": round((time.perf_counter() - started) * 1000, 2),
+    }
+    worker = request.get(keys.WORKER)
+    if worker is not None:
+        fields["worker"] = worker  # serve --workers: which process the client reached
+    request.app[keys.ACCESS_LOG].write(fields)
     return resp
 
 

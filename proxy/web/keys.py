@@ -71,6 +71,8 @@ ABORTED: Final = web.RequestKey("aborted", bool)
 PEER: Final = web.RequestKey("peer", str)
 # Relayed by a front worker over the primary's Unix socket (serve --workers).
 VIA_WORKER: Final = web.RequestKey("via_worker", bool)
+# With several processes: which one took the client's connection (0: the primary), logged.
+WORKER: Final = web.RequestKey("worker", int)
 # Between the primary and its workers: no log line, not counted (the worker logs the answer).
 INTERNAL: Final = web.RequestKey("internal", bool)
 # The verified user name (None: anonymous); never a credential.

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError
 from proxy.web import keys
 from proxy.workers import internal, tally
@@ -44,6 +45,7 @@ def _address(value: str | None) -> str | None:
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Outermost: a relayed request becomes the client's own before anything reads it."""
     if not over_unix_socket(request):
+        request[keys.WORKER] = 0
         return await handler(request)
     scheme = request.headers.get(internal.SCHEME)
     relayed = request.clone(
@@ -51,6 +53,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         scheme=scheme if scheme in ("http", "https") else "http",
     )
     relayed[keys.VIA_WORKER] = True
+    index = parse_count(request.headers.get(internal.WORKER, ""))
+    relayed[keys.WORKER] = index if index is not None and index < 1000 else -1
     resp = await handler(relayed)
     user = relayed.get(keys.USER)
     if user is not None and not resp.prepared:

@@ -74,8 +74,9 @@ class Answer:
 
 
 class Front:
-    def __init__(self, settings: Settings, socket_path: str, access: AccessLog) -> None:
+    def __init__(self, settings: Settings, socket_path: str, access: AccessLog, index: int = 1) -> None:
         self.settings = settings
+        self.index = index
         self.socket_path = socket_path
         self.access = access
         self.storage = Storage(settings.cache_dir)
@@ -263,7 +264,11 @@ class Front:
         self, request: web.Request, *, method: str | None = None, probe: bool = False
     ) -> aiohttp.client._RequestContextManager:
         headers = internal.relayable(request.headers.items())
-        headers += [(internal.CLIENT, request.remote or ""), (internal.SCHEME, request.scheme)]
+        headers += [
+            (internal.CLIENT, request.remote or ""),
+            (internal.SCHEME, request.scheme),
+            (internal.WORKER, str(self.index)),
+        ]
         if probe:
             headers.append((internal.PROBE, "1"))
         url = _url(request.rel_url.raw_path, request.rel_url.raw_query_string)
@@ -340,6 +345,7 @@ class Front:
                 "upstream": upstream,
                 "aborted": request.get(keys.ABORTED, False),
                 "ms": round((time.perf_counter() - started) * 1000, 2),
+                "worker": self.index,
             }
         )
 
@@ -370,8 +376,8 @@ async def _errors_and_log(request: web.Request, handler: Handler) -> web.StreamR
     return resp
 
 
-def create_app(settings: Settings, socket_path: str, access: AccessLog) -> web.Application:
-    front = Front(settings, socket_path, access)
+def create_app(settings: Settings, socket_path: str, access: AccessLog, index: int = 1) -> web.Application:
+    front = Front(settings, socket_path, access, index)
     app = web.Application(middlewares=[_errors_and_log], client_max_size=64 * 1024)
     app[keys.SETTINGS] = settings
     app[FRONT] = front

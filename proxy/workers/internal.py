@@ -16,6 +16,7 @@ PREFIX: Final = "ocicache-internal-"
 # Request headers, worker -> primary.
 CLIENT: Final = "Ocicache-Internal-Client"  # the client's address
 SCHEME: Final = "Ocicache-Internal-Scheme"  # http or https, as the client connected
+WORKER: Final = "Ocicache-Internal-Worker"  # which worker relays it (1..N-1), for the log
 PROBE: Final = "Ocicache-Internal-Probe"  # HEAD of a blob: say whether it is cached, fetch nothing
 # Response headers, primary -> worker.
 REUSE: Final = "Ocicache-Internal-Reuse"  # seconds this answer may answer the same request

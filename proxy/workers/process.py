@@ -64,7 +64,7 @@ async def serve(orders: Orders) -> None:
     ssl_context: ssl.SSLContext | None = None
     if settings.tls is not None:
         ssl_context = tls.server_context(settings.tls)
-    app = front.create_app(settings, orders.socket_path, access_log())
+    app = front.create_app(settings, orders.socket_path, access_log(), orders.index)
     runner = AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(

@@ -93,6 +93,8 @@ class Supervisor:
         while not self._stopping:
             assert worker.proc is not None
             code = await worker.proc.wait()
+            if worker.proc.stdin is not None:
+                worker.proc.stdin.close()  # its pipe, not the next one's
             if self._stopping:
                 return
             lived = time.monotonic() - worker.started
@@ -123,8 +125,6 @@ class Supervisor:
             proc = worker.proc
             if proc is None:
                 continue
-            if proc.stdin is not None:
-                proc.stdin.close()
             try:
                 await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
             except TimeoutError:
@@ -132,3 +132,6 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
+            if proc.stdin is not None:
+                # Only now: its end tells a worker the primary is gone, not asked to stop.
+                proc.stdin.close()

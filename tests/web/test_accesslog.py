@@ -18,7 +18,7 @@ import pytest
 import structlog
 
 from proxy.cli.logs import access_log, configure
-from proxy.web.accesslog import BATCH_MAX, JsonLines, ThroughStructlog
+from proxy.web.accesslog import BATCH_MAX, PIPE_BUF, JsonLines, ThroughStructlog, pipe_sized
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import MANIFEST_ACCEPT, make_image
 from tests.support.proxyproc import serving
@@ -54,9 +54,11 @@ class Counting(io.StringIO):
     def __init__(self) -> None:
         super().__init__()
         self.writes = 0
+        self.sizes: list[int] = []
 
     def write(self, s: str) -> int:
         self.writes += 1
+        self.sizes.append(len(s.encode()))
         return super().write(s)
 
 
@@ -77,14 +79,18 @@ def test_the_line_is_structlogs_json_line(capsys: pytest.CaptureFixture[str]) ->
     assert raw.isascii()  # as structlog's renderer: ensure_ascii
 
 
-async def test_one_write_per_loop_turn() -> None:
+async def test_a_loop_turns_lines_go_in_as_few_writes_as_a_pipe_takes_whole() -> None:
     stream = Counting()
     lines = JsonLines(lambda: stream)
     for n in range(50):
         lines.write(fields(status=200 + n % 2))
     assert stream.writes == 0  # nothing until the turn ends
     await after_callbacks_scheduled_so_far()  # the flush the writes scheduled has run
-    assert stream.writes == 1
+    total = len(stream.getvalue().encode())
+    assert total > PIPE_BUF  # so more than one write, each of whole lines within PIPE_BUF
+    assert all(size <= PIPE_BUF for size in stream.sizes)
+    assert stream.writes == len(pipe_sized(stream.getvalue().splitlines()))
+    assert stream.writes <= total // (PIPE_BUF // 2) + 1
     docs = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert len(docs) == 50 and [d["status"] for d in docs[:2]] == [200, 201]
 

@@ -11,7 +11,6 @@ import aiohttp
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from proxy.cli.serve import reload_tls
 from proxy.core.authconfig import TlsConfig
 from proxy.core.configvalues import ConfigError
 from proxy.web import tls
@@ -149,7 +148,7 @@ async def test_a_bad_renewal_leaves_the_old_pair_serving(
     ):
         with pytest.raises(ConfigError, match=rf"^{key}: "):
             tls.check(bad)
-        await reload_tls(ctx, bad)  # what SIGHUP runs
+        await tls.reload_logged(ctx, bad)  # what SIGHUP runs
         assert "TLS reload failed, still serving the previous certificate" in capsys.readouterr().out
         assert await get(proxy, "/healthz", client_context(pki.ca)) == 200
 
