@@ -63,7 +63,7 @@ def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--workers",
         metavar="N",
         help="processes serving the port (SO_REUSEPORT): one owns the cache, N-1 answer warm "
-        "requests and relay the rest to it (default 1)",
+        "requests and relay the rest to it (default auto: one per CPU, at most 8)",
     )
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
     s.add_argument(
@@ -90,33 +90,64 @@ def run(settings: Settings, ns: argparse.Namespace) -> int:
     return 0
 
 
+async def _refuse_taken_port(host: str, port: int) -> None:
+    """OSError (address in use) if a socket already listens on ``host:port``."""
+    loop = asyncio.get_running_loop()
+    probe = await loop.create_server(asyncio.Protocol, host, port, reuse_port=False)
+    probe.close()
+    await probe.wait_closed()
+
+
 async def serve(
     settings: Settings, ssl_context: ssl.SSLContext | None = None, *, event_loop: str = "asyncio"
 ) -> None:
+    several = settings.processes > 1
+    if several and settings.listen_port:
+        # SO_REUSEPORT would let us share a port another server of this user already holds,
+        # silently splitting its clients with it: make sure nobody does first.
+        await _refuse_taken_port(settings.listen_host, settings.listen_port)
     app = create_app(settings, access=access_log())
     log.info("settings", **effective(settings))
     runner = AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    several = settings.workers > 1
-    site = web.TCPSite(
-        runner,
-        settings.listen_host,
-        settings.listen_port,
-        backlog=1024,
-        ssl_context=ssl_context,
-        reuse_port=several or None,
-    )
-    await site.start()
     supervisor: Supervisor | None = None
-    relay_dir: str | None = None
-    if several:
-        # Only this user may enter the directory, so only our workers reach the socket.
-        relay_dir = tempfile.mkdtemp(prefix="ocicache-")
-        socket_path = os.path.join(relay_dir, "primary.sock")
-        await web.UnixSite(runner, socket_path).start()
-        port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
-        supervisor = Supervisor(settings, socket_path, port, event_loop)
-        await supervisor.start()
+    # Only this user may enter the directory, so only our workers reach the socket in it.
+    relay_dir = tempfile.mkdtemp(prefix="ocicache-") if several else None
+    try:
+        site = web.TCPSite(
+            runner,
+            settings.listen_host,
+            settings.listen_port,
+            backlog=1024,
+            ssl_context=ssl_context,
+            reuse_port=several or None,
+        )
+        await site.start()
+        if relay_dir is not None:
+            socket_path = os.path.join(relay_dir, "primary.sock")
+            await web.UnixSite(runner, socket_path).start()
+            port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+            supervisor = Supervisor(settings, socket_path, port, event_loop)
+            await supervisor.start()
+        await _until_stopped(settings, app, runner, ssl_context, supervisor, relay_dir)
+    finally:
+        log.info("stopping")
+        if supervisor is not None:
+            await supervisor.stop()  # first: what they relay still finds this process
+        await runner.cleanup()
+        if relay_dir is not None:
+            shutil.rmtree(relay_dir, ignore_errors=True)
+
+
+async def _until_stopped(
+    settings: Settings,
+    app: web.Application,
+    runner: AppRunner,
+    ssl_context: ssl.SSLContext | None,
+    supervisor: Supervisor | None,
+    relay_dir: str | None,
+) -> None:
+    """Say where it listens, then serve until SIGINT or SIGTERM (SIGHUP reloads TLS)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -155,21 +186,12 @@ async def serve(
             advertise=None if cluster is None else cluster.me,
             cache_dir=str(settings.cache_dir),
             offline=settings.offline,
-            workers=settings.workers,
+            workers=settings.processes,
             worker_pids=[] if supervisor is None else supervisor.pids,
             workers_socket=None if relay_dir is None else os.path.join(relay_dir, "primary.sock"),
         )
         mode = ", offline: no upstream is contacted" if settings.offline else ""
-        if several:
-            mode += f", {settings.workers} processes"
-
-        print(f"ocicache listening on {where} (cache: {settings.cache_dir}{mode})", flush=True)
-    try:
-        await stop.wait()
-    finally:
-        log.info("stopping")
         if supervisor is not None:
-            await supervisor.stop()  # first: what they relay still finds this process
-        await runner.cleanup()
-        if relay_dir is not None:
-            shutil.rmtree(relay_dir, ignore_errors=True)
+            mode += f", {settings.processes} processes"
+        print(f"ocicache listening on {where} (cache: {settings.cache_dir}{mode})", flush=True)
+    await stop.wait()

@@ -35,6 +35,7 @@ def effective(settings: Settings) -> dict[str, Any]:
         "watermarks": [s.low_watermark, s.high_watermark],
         "max_unused": _ttl(s.max_unused) if s.max_unused is not None else "never",
         "offline": s.offline,
+        "workers": s.processes,
         "tag_ttl": _ttl(s.tag_ttl),
         "tag_rules": [{"pattern": r.pattern.pattern, "ttl": _ttl(r.ttl)} for r in s.tag_rules],
         "pins": list(s.pins),

@@ -219,7 +219,7 @@ def create_app(
         # The admin API checks its own token (not a client login).
         *admin.HANDLERS,
     )
-    workers = settings.workers > 1
+    workers = settings.processes > 1
     if workers:
         public = (*public, workerlink.report)
         # Outermost: the rest sees a relayed request as the client's own.

@@ -67,7 +67,7 @@ class Worker:
 class Supervisor:
     def __init__(self, settings: Settings, socket_path: str, port: int, event_loop: str) -> None:
         self.workers = [
-            Worker(Orders(settings, socket_path, port, i, event_loop)) for i in range(1, settings.workers)
+            Worker(Orders(settings, socket_path, port, i, event_loop)) for i in range(1, settings.processes)
         ]
         self._stopping = False
         self._watches: list[asyncio.Task[None]] = []

@@ -7,17 +7,20 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.support.dockerd import Blackhole, offline_env
 from tests.support.fake_upstream import BlobFaults, FakeUpstream
 from tests.support.images import make_image, push_image
 from tests.support.layout import layout_blobs
 from tests.support.process import pidfd_exited
-from tests.support.proxyproc import ProxyProcess, serving
+from tests.support.proxyproc import ROOT, ProxyProcess, serving
 from tests.support.registry import Registry
 from tests.system.test_clients import run_tool
 
@@ -147,3 +150,26 @@ async def test_skopeo_copies_an_image_through_two_processes(
         await proxy.logged(lambda ev: len([e for e in ev if e.get("event") == "request"]) >= 4 * 5)
     hits = [e for e in events(proxy, "request") if e["cache"] == "hit" and e.get("worker") == 1]
     assert hits, "the worker answered none of the warm copies itself"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_port_another_server_holds_is_one_line_not_a_shared_port(
+    workers: str, tmp_path: Path
+) -> None:
+    # With SO_REUSEPORT a second server of this user could bind the port too, and take half
+    # of the first one's clients: it must refuse, as one process always did, without a traceback.
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        argv = [sys.executable, "-m", "proxy", "serve", "--listen", f"127.0.0.1:{port}"]
+        argv += ["--cache-dir", str(tmp_path / "cache"), "--workers", workers, "--log-level", "error"]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        taken.close()
+    assert proc.returncode == 1
+    assert b"address already in use" in err and b"Traceback" not in err and b"listening" not in out
