@@ -57,7 +57,14 @@ import aiohttp
 
 from loadtests.clients import ClientError, ClientGroup, ClientResult, Group, Job, WorkerGroup
 from loadtests.fixtures import REPO, make_image, push_image
-from loadtests.sampling import cpu_seconds, foreign_cpu, machine_times, peak_rss, process_table
+from loadtests.sampling import (
+    cpu_seconds,
+    foreign_cpu,
+    machine_times,
+    process_table,
+    tree_cpu_seconds,
+    tree_peak_rss,
+)
 from loadtests.servers import FollowedServer, start_ocicache
 from loadtests.shaper import LOOPBACK, MB, ShaperError, ShaperProcess
 from tests.support.registry import (
@@ -517,7 +524,7 @@ async def run_clients(
 
     def sample() -> tuple[float, float, float, float]:
         relay = cpu_seconds(relay_pid) if relay_pid is not None else 0.0
-        return time.process_time(), cpu_seconds(pid), cpu_seconds(upstream_pid), relay
+        return time.process_time(), tree_cpu_seconds(pid), cpu_seconds(upstream_pid), relay
 
     try:
         await asyncio.gather(*(g.connect() for g in groups))
@@ -629,7 +636,7 @@ async def _one_proxy_run(
             cold = await measure(stalled)
             min_gets = await proxy.settle(session)
             # Read before the warm run, which reuses this process and could raise its peak.
-            peak = peak_rss(proxy.pid)
+            peak = tree_peak_rss(proxy.pid)
             if peak is None:
                 raise BenchError(f"{kind} exited during the run")
             traffic = await upstream_traffic(registry, mark, layer.digest, min_gets, session)

@@ -55,6 +55,29 @@ def rss(pid: int) -> int | None:
     return None if kib is None else kib * 1024
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of ``pid`` and every live process below it (``serve``'s workers)."""
+    return sum(cpu_seconds(p) for p in descendants(process_table(), pid))
+
+
+def tree_peak_rss(pid: int) -> int | None:
+    """The peaks of ``pid`` and every process below it (``serve``'s workers), added up: an
+    upper bound on what they held at once, since their peaks need not coincide. None once
+    ``pid`` is gone."""
+    own = peak_rss(pid)
+    if own is None:
+        return None
+    return own + sum(peak_rss(p) or 0 for p in descendants(process_table(), pid) - {pid})
+
+
+def tree_rss(pid: int) -> int | None:
+    """The resident sets of ``pid`` and every process below it, now, added up."""
+    own = rss(pid)
+    if own is None:
+        return None
+    return own + sum(rss(p) or 0 for p in descendants(process_table(), pid) - {pid})
+
+
 def children_cpu() -> float:
     """CPU of this process's children that have been waited for (rusage accumulates them)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -26,7 +26,7 @@ from loadtests.harness import Context, Scenario, measure
 from loadtests.loadgen import Request, check_once, run_wrk, wrk_version
 from loadtests.placement import UNPINNED
 from loadtests.report import Sample, at_least, at_most, compare
-from loadtests.sampling import Meter, cpu_seconds, rss
+from loadtests.sampling import Meter, cpu_seconds, tree_rss
 from loadtests.seeded import UPSTREAM, Tagged, fill
 from loadtests.servers import start_ocicache
 
@@ -91,7 +91,7 @@ async def run(ctx: Context) -> None:
             try:
                 # What the proxy spent starting is the server's (its process is ours).
                 cores = usage.as_cores() | {"server": round(cpu_seconds(server.pid) / usage.seconds, 3)}
-                at_rest = (rss(server.pid) or 0) / 2**20
+                at_rest = (tree_rss(server.pid) or 0) / 2**20
                 for metric, value in (("start-up s", ready), ("RSS MiB", at_rest)):
                     ctx.sample(Sample(NAME, case, "ocicache", metric, value, rnd, START, UNPINNED, cores))
                 req = Request(server.port, tagged.path, (("Accept", ACCEPT),), 200, tagged.size)

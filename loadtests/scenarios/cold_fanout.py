@@ -10,6 +10,9 @@ cache) for every run; one pass, since runs over a shaped link barely vary (4.19,
 in issue 3) and distribution's 20 clients alone take 21 link times. Clients (aiohttp, over one
 worker process per CPU) check the sha256 of every byte.
 
+ocicache runs as deployed (``--workers auto``: a process per CPU); its cold runs are repeated
+with one process (``--workers 1``) for comparison.
+
 Rows: wall time of 20 clients against distribution's, against the same proxy's 1 client
 (issue 3: within 1.2x), and against the same 20 clients on the now warm proxy (what being cold
 adds to this machine's cost of delivering and hashing 20 copies); upstream bytes over the blob
@@ -32,6 +35,7 @@ from loadtests.report import Check, Sample, Target, at_most, compare
 from loadtests.shaper import MB
 
 NAME: Final = "cold-fanout"
+SINGLE: Final = "ocicache 1 process"
 MANY: Final = 20
 
 
@@ -63,6 +67,17 @@ async def run(ctx: Context) -> None:
     cfg = config(ctx)
     result = await fanout.run_benchmark(cfg, ctx.say)
     (ctx.out / f"{NAME}.md").write_text(result.markdown())
+    # The default runs a process per CPU (serve --workers auto); cold, one process as well.
+    single_cfg = dataclasses.replace(
+        cfg,
+        proxies=("ocicache",),
+        stalled=0,
+        warm=False,
+        ocicache_args=("--workers", "1"),
+        deadline=min(ctx.left(), 120.0),
+        workdir=ctx.dir("runs-1-process"),
+    )
+    single = await fanout.run_benchmark(single_cfg, ctx.say)
     m = result.machine
     client = f"aiohttp, {cfg.client_procs} process{'es' if cfg.client_procs > 1 else ''}"
     ctx.client(client, f"{m['clients']}; each client checks the sha256 of the whole blob")
@@ -76,7 +91,9 @@ async def run(ctx: Context) -> None:
     many = max(cfg.clients)
     case = {1: "cold, 1 client", many: f"cold, {many} clients"}
     warm_many = f"warm, {many} clients"
-    for run in result.runs:
+    runs: list[tuple[fanout.RunResult, str]] = [(run, run.proxy) for run in result.runs]
+    runs += [(run, SINGLE) for run in single.runs if run.scenario == "cold"]
+    for run, proxy in runs:
         if run.clients not in case or (run.scenario == "warm" and run.clients != many):
             continue
         label = {"cold": case[run.clients], "warm": warm_many}.get(
@@ -95,7 +112,7 @@ async def run(ctx: Context) -> None:
         ]
         for metric, value in values:
             if value is not None:
-                ctx.sample(Sample(NAME, label, run.proxy, metric, value, run.rep, client, UNPINNED, load))
+                ctx.sample(Sample(NAME, label, proxy, metric, value, run.rep, client, UNPINNED, load))
 
     def row(
         case_: str,
@@ -123,6 +140,8 @@ async def run(ctx: Context) -> None:
 
     row(case[many], "s", "ocicache", "distribution")
     row(case[many], "s", "ocicache", "ocicache", case[1], (at_most(1.2),))
+    row(case[many], "s", "ocicache", SINGLE)
+    row(case[many], "s", SINGLE, SINGLE, case[1], (at_most(1.2),))
     row(case[many], "s", "distribution", "distribution", case[1])
     # What being cold adds to merely delivering and hashing 20 copies on this machine.
     row(case[many], "s", "ocicache", "ocicache", warm_many)

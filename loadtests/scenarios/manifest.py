@@ -7,6 +7,9 @@ about a tag on every request (that is how its proxy keeps tags fresh); by digest
 its own storage. The bare server (:mod:`loadtests.bare`) returns ocicache's exact body and headers
 from a single aiohttp handler: the floor under any aiohttp server here, measured once per round.
 
+ocicache runs as deployed (``--workers auto``: a process per CPU) and, for comparison, as one
+process (``--workers 1``).
+
 Rows, per placement: by tag, ocicache / distribution (target 40x, and 10,000 requests/s or
 more), ocicache / bare (target: within 1.5x, i.e. ratio 0.67 or more), p99 against bare's
 (target 5 ms or less); by digest, ocicache / distribution (target 10x) and ocicache / bare
@@ -32,6 +35,7 @@ from loadtests.servers import Server, start_bare, start_distribution, start_ocic
 from tests.support.images import MANIFEST_ACCEPT
 
 NAME: Final = "manifest"
+SINGLE: Final = "ocicache 1 process"
 # Headers the bare server must not copy: aiohttp sets them itself, per response.
 OWN_HEADERS: Final = frozenset({"content-length", "date", "server", "connection", "keep-alive"})
 
@@ -78,10 +82,23 @@ async def run(ctx: Context) -> None:
                 start_ocicache, ctx.dir("ocicache"), {UPSTREAM_NAME: upstream.url()}, "--tag-ttl", "3600"
             )
         )
+        # The default is a process per CPU (serve --workers auto); one process, for comparison.
+        single = started(
+            await asyncio.to_thread(
+                start_ocicache,
+                ctx.dir("ocicache-1"),
+                {UPSTREAM_NAME: upstream.url()},
+                "--tag-ttl",
+                "3600",
+                "--workers",
+                "1",
+                name=SINGLE,
+            )
+        )
         distribution = started(
             await asyncio.to_thread(start_distribution, ctx.dir("distribution"), remote=upstream.url())
         )
-        for server in (ocicache, distribution):
+        for server in (ocicache, single, distribution):
             for path in (by_tag, by_digest, by_tag, by_digest):  # twice: the second is a warm answer
                 status, _, body = await asyncio.to_thread(fetch, server.port, path)
                 if status != 200 or body != image.manifest:
@@ -100,6 +117,8 @@ async def run(ctx: Context) -> None:
         cases = [
             ("by tag", ocicache, by_tag),
             ("by digest", ocicache, by_digest),
+            ("by tag", single, by_tag),
+            ("by digest", single, by_digest),
             ("by tag", distribution, by_tag),
             ("by digest", distribution, by_digest),
             ("same bytes", bare, by_tag),
@@ -158,7 +177,10 @@ async def run(ctx: Context) -> None:
                 ("by tag", "requests/s", "distribution", None, [at_least(40), at_least(10_000, on="value")]),
                 ("by tag", "requests/s", "bare aiohttp", "same bytes", [within_bare]),
                 ("by tag", "p99 ms", "bare aiohttp", "same bytes", [at_most(5.0, on="value")]),
+                ("by tag", "requests/s", SINGLE, None, []),
+                ("by tag", "p99 ms", SINGLE, None, []),
                 ("by digest", "requests/s", "distribution", None, [at_least(10)]),
+                ("by digest", "requests/s", SINGLE, None, []),
                 ("by digest", "requests/s", "bare aiohttp", "same bytes", []),
                 ("by digest", "p99 ms", "bare aiohttp", "same bytes", []),
             ]

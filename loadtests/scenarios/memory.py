@@ -29,7 +29,7 @@ from loadtests.harness import Context, Scenario
 from loadtests.loadgen import LoadError
 from loadtests.placement import UNPINNED
 from loadtests.report import Sample, at_most, compare
-from loadtests.sampling import peak_rss
+from loadtests.sampling import tree_peak_rss
 from loadtests.servers import ROOT
 
 NAME: Final = "memory"
@@ -96,7 +96,7 @@ async def run(ctx: Context) -> None:
                     cores = load.cores()
                 async with aiohttp.ClientSession() as session:
                     await proxy.settle(session)
-                peak = peak_rss(proxy.pid)
+                peak = tree_peak_rss(proxy.pid)
                 if peak is None:
                     raise LoadError("ocicache exited during the run")
             walls = [r["seconds"] for r in results if r["kind"] != "stalled"]

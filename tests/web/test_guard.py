@@ -23,6 +23,7 @@ from proxy.cli.logs import configure
 from proxy.core.authconfig import parse_auth
 from proxy.web import keys
 from proxy.web.guard import Guard
+from proxy.web.workerlink import REPORT_PATH
 from tests.conftest import Proxy, StartProxy, raw_request
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import MANIFEST_ACCEPT, make_image
@@ -332,6 +333,11 @@ async def test_public_routes_and_everything_else(start_auth: StartAuth) -> None:
         assert (await s.get(s.proxy.url + path))[0] == 401, path
     # The status page is public: what it shows under rules is tested with the page.
     public = {"/setup/{client}", "/healthz", "/readyz", "/metrics", "/auth/token", "/"}
+    if s.proxy.settings.processes > 1:
+        # Front workers report their counts here; it answers nobody else (workerlink).
+        public.add(REPORT_PATH)
+        async with s.session.post(s.proxy.url + REPORT_PATH, data=b"{}") as resp:
+            assert resp.status == 404
     protected = {"/v2/", "/v2/{tail}", "/{tail}"}
     assert {r.canonical for r in s.proxy.app.router.resources()} == public | protected
 
