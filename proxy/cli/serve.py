@@ -108,7 +108,7 @@ async def serve(
         await _refuse_taken_port(settings.listen_host, settings.listen_port)
     app = create_app(settings, access=access_log())
     log.info("settings", **effective(settings))
-    runner = AppRunner(app, access_log=None, handle_signals=False)
+    runner = AppRunner(app, access_log=None, handle_signals=False, processes=settings.processes)
     await runner.setup()
     supervisor: Supervisor | None = None
     # Only this user may enter the directory, so only our workers reach the socket in it.
@@ -127,7 +127,12 @@ async def serve(
             socket_path = os.path.join(relay_dir, "primary.sock")
             await web.UnixSite(runner, socket_path).start()
             port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
-            supervisor = Supervisor(settings, socket_path, port, event_loop)
+            metrics = app[keys.METRICS]
+
+            def gone(index: int) -> None:
+                metrics.worker_connections.pop(index, None)  # its last report is stale
+
+            supervisor = Supervisor(settings, socket_path, port, event_loop, on_exit=gone)
             await supervisor.start()
         await _until_stopped(settings, app, runner, ssl_context, supervisor, relay_dir)
     finally:

@@ -124,7 +124,13 @@ class Metrics:
         )
         self.fills = Counter("ocicache_fills", "Finished blob downloads by outcome", ["outcome"], registry=r)
 
-        self.connections = Gauge("ocicache_connections", "Client connections open", registry=r)
+        self.connections = Gauge(
+            "ocicache_connections", "Client connections open, in every process", registry=r
+        )
+        self.open_connections = 0  # this process's
+        # What each front worker said it holds at its last report (serve --workers).
+        self.worker_connections: dict[int, int] = {}
+        self.connections.set_function(lambda: self.open_connections + sum(self.worker_connections.values()))
         self.connections_refused = Counter(
             "ocicache_connections_refused",
             "Client connections closed by a limit: address_limit, header_timeout",

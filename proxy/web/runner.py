@@ -58,11 +58,14 @@ class Limits:
     requests_per_connection: int
 
     @classmethod
-    def of(cls, settings: Settings) -> Limits:
+    def of(cls, settings: Settings, processes: int = 1) -> Limits:
+        """``processes`` serving one port share the per-address limit: the kernel spreads an
+        address's connections evenly over them, so each holds its share (rounded up)."""
+        per_address = settings.max_connections_per_address
         return cls(
             settings.header_timeout,
             settings.idle_timeout,
-            settings.max_connections_per_address,
+            -(-per_address // processes),
             settings.max_requests_per_connection,
         )
 
@@ -204,6 +207,9 @@ class _Server(web.Server):
         self.limits = limits
         self.counts = ConnectionCounts(limits.per_address)
         self._metrics = metrics
+        # Kept whether or not there are metrics: a front worker reports them to the primary.
+        self.open_connections = 0
+        self.refusals: dict[str, int] = {}
 
         async def handle(request: BaseRequest) -> web.StreamResponse:
             unspoken = request.get(_UNSPOKEN)
@@ -247,30 +253,48 @@ class _Server(web.Server):
         return _Handler(self, loop=self._loop, **self._kwargs)
 
     def opened(self) -> None:
+        self.open_connections += 1
         if self._metrics is not None:
-            self._metrics.connections.inc()
+            self._metrics.open_connections += 1
 
     def closed(self) -> None:
+        self.open_connections -= 1
         if self._metrics is not None:
-            self._metrics.connections.dec()
+            self._metrics.open_connections -= 1
 
     def refused(self, reason: str, address: str) -> None:
         log.info("connection_refused", reason=reason, remote=address)
+        self.refusals[reason] = self.refusals.get(reason, 0) + 1
         if self._metrics is not None:
             self._metrics.connections_refused.labels(reason).inc()
 
 
 class AppRunner(web.AppRunner):
+    def __init__(self, app: web.Application, *, processes: int = 1, **kwargs: Any) -> None:
+        """``processes``: how many serve the port (``serve --workers``), this one among them."""
+        super().__init__(app, **kwargs)
+        self._processes = max(1, processes)
+
     async def _make_server(self) -> web.Server:
         made = await super()._make_server()
         settings = self.app.get(keys.SETTINGS) or Settings()
         server = _Server(
             made.request_handler,
             request_factory=made.request_factory,
-            limits=Limits.of(settings),
+            limits=Limits.of(settings, self._processes),
             metrics=self.app.get(keys.METRICS),
             handler_cancellation=made.handler_cancellation,
             loop=made._loop,
             **made._kwargs,
         )
         return server
+
+
+def take_connection_stats(runner: web.BaseRunner) -> tuple[int, dict[str, int]]:
+    """Connections the runner's server holds now, and those it refused since the last call
+    (by reason): what a front worker reports to the primary."""
+    server = runner.server
+    if not isinstance(server, _Server):
+        return 0, {}
+    refused, server.refusals = server.refusals, {}
+    return server.open_connections, refused

@@ -68,12 +68,17 @@ async def report(request: web.Request) -> web.Response:
         raise OciError(Code.NAME_UNKNOWN, "no such endpoint")
     request[keys.INTERNAL] = True
     try:
-        requests, pulls = tally.parse(await request.read())
+        report = tally.parse(await request.read())
     except tally.BadReport as exc:
         raise OciError(Code.REQUEST_INVALID, str(exc)) from None
     metrics, counts = request.app[keys.METRICS], request.app[keys.PULLS]
-    for (kind, cache, status, upstream), n, sent in requests:
+    for (kind, cache, status, upstream), n, sent in report.requests:
         metrics.count(kind, cache, status, upstream, sent, n)
-    for (upstream, repository, tag, source), n in pulls:
+    for (upstream, repository, tag, source), n in report.pulls:
         counts.count(upstream, repository, tag, source, n)
+    worker = request.get(keys.WORKER, -1)
+    if worker > 0:
+        metrics.worker_connections[worker] = report.connections
+    for reason, n in report.refused.items():
+        metrics.connections_refused.labels(reason).inc(n)
     return web.Response(status=204)

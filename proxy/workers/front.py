@@ -37,6 +37,7 @@ from proxy.store.storage import Storage
 from proxy.web import keys
 from proxy.web.accesslog import AccessLog
 from proxy.web.blobs import Body, abort, send_body
+from proxy.web.runner import take_connection_stats
 from proxy.web.workerlink import REPORT_PATH
 from proxy.web.zerocopy import FileShrunk
 from proxy.workers import internal
@@ -87,6 +88,8 @@ class Front:
         self._resolved: LRUCache[tuple[str, str | None], Target | None] = LRUCache(maxsize=8192)
         self._names = [u.name for u in settings.upstreams]
         self._session: aiohttp.ClientSession | None = None
+        # The runner serving this app, once set up: its connections go in the reports.
+        self.runner: web.BaseRunner | None = None
         # Shorter than the primary's idle timeout, so that the pool never sends a request on a
         # connection the primary is closing as idle.
         self._keepalive = min(15.0, settings.idle_timeout / 2)
@@ -124,11 +127,14 @@ class Front:
             await self.report()
 
     async def report(self) -> None:
-        if not self.tally or self._session is None or self._session.closed:
+        if self._session is None or self._session.closed:
             return
-        body = self.tally.take()
+        # Sent even when nothing was answered: the connections held are news too.
+        connections, refused = (0, {}) if self.runner is None else take_connection_stats(self.runner)
+        body = self.tally.take(connections, refused)
         try:
-            async with self.session.post(_url(REPORT_PATH), data=body) as resp:
+            headers = {internal.WORKER: str(self.index)}
+            async with self.session.post(_url(REPORT_PATH), data=body, headers=headers) as resp:
                 await resp.read()
         except (aiohttp.ClientError, OSError) as exc:
             log.warning("worker_report_lost", error=str(exc))  # counts lost, never answers

@@ -65,8 +65,9 @@ async def serve(orders: Orders) -> None:
     if settings.tls is not None:
         ssl_context = tls.server_context(settings.tls)
     app = front.create_app(settings, orders.socket_path, access_log(), orders.index)
-    runner = AppRunner(app, access_log=None, handle_signals=False)
+    runner = AppRunner(app, access_log=None, handle_signals=False, processes=settings.processes)
     await runner.setup()
+    app[front.FRONT].runner = runner
     site = web.TCPSite(
         runner, settings.listen_host, orders.port, backlog=1024, ssl_context=ssl_context, reuse_port=True
     )

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Final
 
 import structlog
@@ -65,7 +66,15 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, socket_path: str, port: int, event_loop: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        socket_path: str,
+        port: int,
+        event_loop: str,
+        on_exit: Callable[[int], None] = lambda index: None,
+    ) -> None:
+        self._on_exit = on_exit  # a worker (by index) is gone: what it reported is stale
         self.workers = [
             Worker(Orders(settings, socket_path, port, i, event_loop)) for i in range(1, settings.processes)
         ]
@@ -93,6 +102,7 @@ class Supervisor:
         while not self._stopping:
             assert worker.proc is not None
             code = await worker.proc.wait()
+            self._on_exit(worker.orders.index)
             if worker.proc.stdin is not None:
                 worker.proc.stdin.close()  # its pipe, not the next one's
             if self._stopping:

@@ -1,5 +1,5 @@
-"""Pure: a front worker's counts of the answers it gave itself, sent to the primary each
-second, so that ``/metrics`` and the status page count every process's answers.
+"""Pure: a front worker's counts of the answers it gave itself, and of its connections, sent
+to the primary each second, so that ``/metrics`` and the status page count every process's.
 
 The same labels as the primary's own counting (:meth:`Metrics.count`, :meth:`Pulls.count`).
 """
@@ -7,6 +7,7 @@ The same labels as the primary's own counting (:meth:`Metrics.count`, :meth:`Pul
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -18,6 +19,10 @@ MAX_ROWS: Final = 10_000
 
 RequestLabels = tuple[str, str, int, str]  # kind, cache result, status, upstream
 PullLabels = tuple[str, str, str, str]  # upstream, repository, tag, source
+
+
+# A refusal's reason, as the runner names them (address_limit, header_timeout).
+_REASON: Final = re.compile(r"[a-z_]{1,32}")
 
 
 @dataclass(slots=True)
@@ -39,12 +44,15 @@ class Tally:
     def __bool__(self) -> bool:
         return bool(self.requests or self.pulls)
 
-    def take(self) -> bytes:
-        """The report as JSON; the tally starts again from nothing."""
+    def take(self, connections: int = 0, refused: dict[str, int] | None = None) -> bytes:
+        """The report as JSON, with the worker's open ``connections`` and the ones it
+        ``refused`` since the last report; the tally starts again from nothing."""
         body = json.dumps(
             {
                 "requests": [[*k, n, sent] for k, (n, sent) in self.requests.items()],
                 "pulls": [[*k, n] for k, n in self.pulls.items()],
+                "connections": connections,
+                "refused": refused or {},
             }
         ).encode()
         self.requests = {}
@@ -64,8 +72,16 @@ def _count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
 
 
-def parse(body: bytes) -> tuple[list[tuple[RequestLabels, int, int]], list[tuple[PullLabels, int]]]:
-    """A report's rows; :class:`BadReport` for anything that is not one."""
+@dataclass(frozen=True, slots=True)
+class Report:
+    requests: list[tuple[RequestLabels, int, int]]  # labels, answers, bytes
+    pulls: list[tuple[PullLabels, int]]
+    connections: int
+    refused: dict[str, int]
+
+
+def parse(body: bytes) -> Report:
+    """A report; :class:`BadReport` for anything that is not one."""
     try:
         doc = jsontext.loads(body)
     except ValueError:
@@ -87,4 +103,10 @@ def parse(body: bytes) -> tuple[list[tuple[RequestLabels, int, int]], list[tuple
         if not (isinstance(row, list) and len(row) == 5 and _strings(row, 4) and _count(row[4])):
             raise BadReport("bad pull row")
         out_p.append(((row[0], row[1], row[2], row[3]), row[4]))
-    return out_r, out_p
+    connections, refused = doc.get("connections", 0), doc.get("refused", {})
+    if not _count(connections) or not isinstance(refused, dict) or len(refused) > 16:
+        raise BadReport("bad connection counts")
+    for reason, n in refused.items():
+        if not (_REASON.fullmatch(reason) and _count(n)):
+            raise BadReport("bad refusal count")
+    return Report(out_r, out_p, connections, refused)

@@ -4,8 +4,10 @@ the second process and SO_REUSEPORT; tests/system/test_workers.py has those)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -95,6 +97,7 @@ async def start_pair(start_proxy: StartProxy) -> AsyncIterator[StartPair]:
         await server.start_server()
         servers.append(server)
         the_front = app[front.FRONT]
+        the_front.runner = server.runner
         clock = Clock()
         the_front.manifests = Memo(clock=clock)
         the_front.blobs = Memo(clock=clock)
@@ -354,3 +357,22 @@ async def test_the_primary_gone_is_a_503_envelope(
         doc = json.loads(await resp.read())
         assert doc["errors"][0]["code"] == "UNAVAILABLE"
     assert pair.log.lines[-1]["status"] == 503
+
+
+async def test_the_workers_connections_are_counted_in_the_primarys(
+    start_pair: StartPair, fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    pair = await start_pair({"docker.io": fake.url})
+    port = int(pair.worker_url.rpartition(":")[2])
+    idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
+    try:
+        async with session.get(f"{pair.worker_url}/v2/") as resp:
+            assert resp.status == 200  # the worker has taken all six by now
+        await pair.front.report()
+        async with session.get(f"{pair.primary.url}/metrics") as resp:
+            text = await resp.text()
+        # The worker's five idle ones and the session's, and the primary's own (this one).
+        assert float(re.search(r"^ocicache_connections (\S+)$", text, re.M)[1]) >= 7  # type: ignore[index]
+    finally:
+        for _, writer in idle:
+            writer.close()

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.core.config import Settings
 from proxy.web.accesslog import pipe_sized
+from proxy.web.runner import Limits
 from proxy.workers import internal, tally
 from proxy.workers.memo import Memo
 
@@ -80,12 +83,13 @@ def test_a_tally_goes_as_one_report_and_starts_again() -> None:
     t.answered("manifests", "hit", 200, "docker.io", 500)
     t.answered("blobs", "hit", 206, "docker.io", 10)
     t.pulled("docker.io", "library/app", "v1", "hit")
-    requests, pulls = tally.parse(t.take())
-    assert sorted(requests) == [
+    report = tally.parse(t.take(connections=7, refused={"header_timeout": 2}))
+    assert (report.connections, report.refused) == (7, {"header_timeout": 2})
+    assert sorted(report.requests) == [
         (("blobs", "hit", 206, "docker.io"), 1, 10),
         (("manifests", "hit", 200, "docker.io"), 2, 1000),
     ]
-    assert pulls == [(("docker.io", "library/app", "v1", "hit"), 1)]
+    assert report.pulls == [(("docker.io", "library/app", "v1", "hit"), 1)]
     assert not t
 
 
@@ -102,6 +106,11 @@ def test_a_tally_goes_as_one_report_and_starts_again() -> None:
         b'{"requests": [["k", "c", 200, "u", 1.5, 1]]}',
         b'{"pulls": [["u", "r", "t", "s", 99999999999999999999999]]}',
         json.dumps({"requests": [["k", "c", 200, "u", 1, 1]] * (tally.MAX_ROWS + 1)}).encode(),
+        b'{"connections": -1}',
+        b'{"connections": true}',
+        b'{"refused": {"Bad Label": 1}}',
+        b'{"refused": {"header_timeout": -1}}',
+        b'{"refused": []}',
     ],
 )
 def test_a_report_that_is_not_one_is_refused(body: bytes) -> None:
@@ -117,3 +126,11 @@ def test_log_lines_go_out_whole_in_writes_no_larger_than_a_pipe_takes_at_once(li
     for piece in pieces:
         assert piece.endswith("\n")
         assert len(piece.encode()) <= 4096 or piece.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("limit", "processes", "share"), [(256, 1, 256), (256, 2, 128), (256, 3, 86), (0, 2, 0)]
+)
+def test_processes_on_one_port_share_the_per_address_limit(limit: int, processes: int, share: int) -> None:
+    settings = replace(Settings(), max_connections_per_address=limit)
+    assert Limits.of(settings, processes).per_address == share
