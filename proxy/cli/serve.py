@@ -132,7 +132,8 @@ async def serve(
             def gone(index: int) -> None:
                 metrics.worker_connections.pop(index, None)  # its last report is stale
 
-            supervisor = Supervisor(settings, socket_path, port, event_loop, on_exit=gone)
+            secret = app[keys.WORKER_SECRET]
+            supervisor = Supervisor(settings, socket_path, port, event_loop, secret, on_exit=gone)
             await supervisor.start()
         await _until_stopped(settings, app, runner, ssl_context, supervisor, relay_dir)
     finally:

@@ -186,7 +186,7 @@ class Settings:
             return self.workers
         if self.cluster.enabled:
             return 1
-        return max(1, min(len(os.sched_getaffinity(0)), AUTO_WORKERS_MAX))
+        return max(1, min(usable_cpus(), AUTO_WORKERS_MAX))
 
     def ttl_for(self, upstream: UpstreamConfig, tag: str) -> float | None:
         """Seconds a tag's answer is trusted; None for forever."""
@@ -199,6 +199,28 @@ class Settings:
         if upstream.tag_ttl_forever:
             return None
         return upstream.tag_ttl if upstream.tag_ttl is not None else self.tag_ttl
+
+
+def cpu_quota(cpu_max: str) -> int | None:
+    """Whole CPUs a cgroup v2 ``cpu.max`` (``"200000 100000"``: quota and period) allows,
+    rounded up; None for no limit (``"max ..."``) or anything unreadable."""
+    quota, _, period = cpu_max.strip().partition(" ")
+    if not (quota.isascii() and quota.isdigit() and period.isascii() and period.isdigit()):
+        return None
+    if int(period) == 0 or len(quota) > 18 or len(period) > 18:
+        return None
+    return max(1, -(-int(quota) // int(period)))
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity, and its container's quota if it has one
+    (a pod limited to 2 CPUs on a 64-core node should run 2 processes, not 64)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota = cpu_quota(Path("/sys/fs/cgroup/cpu.max").read_text())
+    except (OSError, UnicodeDecodeError):
+        quota = None
+    return cpus if quota is None else min(cpus, quota)
 
 
 # --- parsing of single values; each raises ConfigError naming the key -------------------------

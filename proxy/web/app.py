@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
-import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from cachetools import LRUCache
@@ -18,11 +18,11 @@ from proxy.airgap.pinfetch import fetch_missing_pins
 from proxy.airgap.prefetch import prefetch as real_prefetch
 from proxy.core.config import Settings
 from proxy.core.digits import parse_count
-from proxy.core.errors import Code, OciError, code_for_status, error_response
 from proxy.flows.engine import Engine, running
 from proxy.flows.fills import Fill, State
 from proxy.web import admin, gate, guard, handlers, health, keys, login, peering, setup, status, workerlink
 from proxy.web.accesslog import AccessLog, ThroughStructlog
+from proxy.web.answered import Handler, answer, answered
 from proxy.web.jobs import Jobs, Prefetcher
 from proxy.web.lifecycle import Lifecycle
 from proxy.web.metrics import CONTENT_TYPE, Metrics, UpstreamMetrics, counter, gauge
@@ -30,59 +30,26 @@ from proxy.web.overview import sample
 from proxy.web.pulls import Pulls
 from proxy.web.samples import Samples
 
-log = structlog.get_logger("ocicache.access")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 @web.middleware
 async def errors_and_access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error becomes the OCI envelope; every request becomes one log line."""
     started = time.perf_counter()
-    try:
-        resp = await handler(request)
-    except OciError as err:
-        resp = error_response(err)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        resp = error_response(OciError(code_for_status(exc.status), exc.reason))
-    except Exception:
-        log.exception("handler_crashed", method=request.method, path=request.path)
-        resp = error_response(OciError(Code.UNKNOWN, "internal error"))
+    resp = await answer(request, handler)
     if request.get(keys.INTERNAL):
         return resp  # the primary and a worker talking: the worker logs and counts the answer
-    status = resp.status
-    cache = request.get(keys.CACHE_RESULT, "-")
-    upstream = request.get(keys.UPSTREAM, "-")
-    sent = request.get(keys.SENT)
-    if sent is None:
-        # Answers the handlers did not stream themselves (errors, tags lists, /setup, JSON):
-        # the body aiohttp is about to send, none for HEAD.
-        body = resp.body if isinstance(resp, web.Response) and request.method != "HEAD" else None
-        sent = len(body) if isinstance(body, bytes | bytearray) else 0
-    kind = request.get(keys.KIND, "other")
-    request.app[keys.METRICS].count(kind, cache, status, upstream, sent)
-    if keys.PEER in request and kind == "blobs" and status in (200, 206) and not request.get(keys.ABORTED):
+    done = answered(request, resp, started)
+    request.app[keys.METRICS].count(done.kind, done.cache, done.status, done.upstream, done.sent)
+    if (
+        keys.PEER in request
+        and done.kind == "blobs"
+        and done.status in (200, 206)
+        and not request.get(keys.ABORTED)
+    ):
         cluster = request.app[keys.CLUSTER]
         cluster.note("peer_served_blobs")
-        cluster.note("peer_served_bytes", sent)
-    fields = {
-        "method": request.method,
-        "path": request.path,
-        "ns": request.query.get("ns"),
-        "user": request.get(keys.USER),
-        "status": status,
-        "bytes": sent,
-        "cache": cache,
-        "upstream": upstream,
-        "aborted": request.get(keys.ABORTED, False),
-        "ms": round((time.perf_counter() - started) * 1000, 2),
-    }
-    worker = request.get(keys.WORKER)
-    if worker is not None:
-        fields["worker"] = worker  # serve --workers: which process the client reached
-    request.app[keys.ACCESS_LOG].write(fields)
+        cluster.note("peer_served_bytes", done.sent)
+    request.app[keys.ACCESS_LOG].write(done.fields)
     return resp
 
 
@@ -240,6 +207,8 @@ def create_app(
     app[keys.ACCESS_LOG] = ThroughStructlog() if access is None else access
     status.templates(app)
     app[keys.RESOLVED] = LRUCache(maxsize=8192)
+    if workers:
+        app[keys.WORKER_SECRET] = secrets.token_hex(16)
     app.cleanup_ctx.append(_resources)
     app.cleanup_ctx.append(_pins)
     if settings.auth.enabled:

@@ -91,6 +91,8 @@ async def manifest(
     if request.get(keys.VIA_WORKER) and served.source in REUSABLE:
         fresh = store.fresh_for(client, repository, reference, request.headers.getall("Accept", []))
         headers[internal.REUSE] = repr(internal.reuse_for(fresh))
+        if served.source == "offline":
+            headers[internal.SOURCE] = "offline"
     return web.Response(body=served.body, headers=headers)
 
 

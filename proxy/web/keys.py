@@ -60,6 +60,9 @@ ACCESS_LOG: Final = web.AppKey("access_log", AccessLog)
 # Only when auth: is configured.
 GUARD: Final[web.AppKey[Guard]] = web.AppKey("guard")
 
+# serve --workers: what a front worker's report must carry (made per run by create_app).
+WORKER_SECRET: Final = web.AppKey("worker_secret", str)
+
 # Per-request notes for the access log line.
 KIND: Final = web.RequestKey("kind", str)
 CACHE_RESULT: Final = web.RequestKey("cache", str)

@@ -8,15 +8,18 @@ workers' counts of the answers they gave themselves arrive at :func:`report`.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.core.digits import parse_count
 from proxy.core.errors import Code, OciError
 from proxy.web import keys
+from proxy.web.address import RELAYED_PORT
 from proxy.workers import internal, tally
 
 REPORT_PATH = "/_ocicache/workers/report"
@@ -47,14 +50,28 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     if not over_unix_socket(request):
         request[keys.WORKER] = 0
         return await handler(request)
+    if internal.PROBE in request.headers:
+        # Not a client's request but a worker's question: the answer the worker then gives
+        # (or the request it relays) is the one logged and counted.
+        request[keys.INTERNAL] = True
     scheme = request.headers.get(internal.SCHEME)
+    headers = request.headers
+    if internal.NO_HOST in headers:
+        # The client sent no Host; the relay had to. Addresses we name must not use its.
+        headers = CIMultiDictProxy(CIMultiDict((k, v) for k, v in headers.items() if k.lower() != "host"))
     relayed = request.clone(
+        headers=headers,
         remote=_address(request.headers.get(internal.CLIENT)) or "unknown",
         scheme=scheme if scheme in ("http", "https") else "http",
     )
     relayed[keys.VIA_WORKER] = True
     index = parse_count(request.headers.get(internal.WORKER, ""))
     relayed[keys.WORKER] = index if index is not None and index < 1000 else -1
+    port = parse_count(request.headers.get(internal.PORT, ""))
+    if port is not None and 0 < port < 65536:
+        relayed[RELAYED_PORT] = port
+    if request.get(keys.INTERNAL):
+        relayed[keys.INTERNAL] = True
     resp = await handler(relayed)
     user = relayed.get(keys.USER)
     if user is not None and not resp.prepared:
@@ -64,7 +81,9 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
 
 async def report(request: web.Request) -> web.Response:
     """A worker's counts since its last report (:mod:`proxy.workers.tally`)."""
-    if not request.get(keys.VIA_WORKER):
+    secret = request.app.get(keys.WORKER_SECRET)
+    given = request.headers.get(internal.SECRET, "")
+    if not request.get(keys.VIA_WORKER) or secret is None or not hmac.compare_digest(given, secret):
         raise OciError(Code.NAME_UNKNOWN, "no such endpoint")
     request[keys.INTERNAL] = True
     try:

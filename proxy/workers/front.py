@@ -15,20 +15,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from cachetools import LRUCache
 from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.core.config import Settings
 from proxy.core.digits import parse_count
-from proxy.core.errors import Code, OciError, code_for_status, error_response
+from proxy.core.errors import Code, OciError, error_response
 from proxy.core.mediatypes import MANIFEST_MAX
 from proxy.core.reference import Digest, Kind, parse_path
 from proxy.core.routing import route
@@ -36,6 +36,7 @@ from proxy.store.openfiles import OpenFiles
 from proxy.store.storage import Storage
 from proxy.web import keys
 from proxy.web.accesslog import AccessLog
+from proxy.web.answered import Handler, answer, answered
 from proxy.web.blobs import Body, abort, send_body
 from proxy.web.runner import take_connection_stats
 from proxy.web.workerlink import REPORT_PATH
@@ -46,7 +47,6 @@ from proxy.workers.tally import Tally
 
 log = structlog.get_logger("ocicache.worker")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # How often the worker reports its counts and lets go of files it no longer may send.
 REPORT_EVERY: Final = 1.0
@@ -72,18 +72,34 @@ class Answer:
     body: bytes
     headers: tuple[tuple[str, str], ...]
     user: str | None
+    source: str  # what the primary would call answering it again: hit, or offline
 
 
 class Front:
-    def __init__(self, settings: Settings, socket_path: str, access: AccessLog, index: int = 1) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        socket_path: str,
+        access: AccessLog,
+        index: int = 1,
+        secret: str = "",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
         self.index = index
         self.socket_path = socket_path
         self.access = access
+        self.secret = secret  # what the primary takes a report with
+        self.clock = clock
         self.storage = Storage(settings.cache_dir)
         self.files = OpenFiles()
-        self.manifests: Memo[tuple[Any, ...], Answer] = Memo()
-        self.blobs: Memo[tuple[Any, ...], tuple[int, str | None]] = Memo()
+        self.manifests: Memo[tuple[Any, ...], Answer] = Memo(clock=clock)
+        self.blobs: Memo[tuple[Any, ...], tuple[int, str | None]] = Memo(clock=clock)
+        # With client auth: credentials the primary accepted within the last second. Only
+        # those are sent with a probe: a guess must cost one attempt, as it does directly.
+        self.accepted: Memo[tuple[str, ...], bool] = Memo(clock=clock)
+        # Cached files this worker may hold open, until when (its last confirmation's end).
+        self._held: dict[str, float] = {}
         self.tally = Tally()
         self._resolved: LRUCache[tuple[str, str | None], Target | None] = LRUCache(maxsize=8192)
         self._names = [u.name for u in settings.upstreams]
@@ -121,10 +137,19 @@ class Front:
         """Every second: send the counts, and close the files no longer confirmed."""
         while True:
             await asyncio.sleep(REPORT_EVERY)
-            for (_, _, digest, _), _ in self.blobs.expired():
-                self.files.drop(str(digest))
+            self.let_go()
             self.manifests.expired()
+            self.blobs.expired()
+            self.accepted.expired()
             await self.report()
+
+    def let_go(self) -> None:
+        """Close the cached files whose confirmation has ended: one evicted meanwhile frees
+        its disk space only once nobody holds it open."""
+        now = self.clock()
+        for name in [n for n, until in self._held.items() if now >= until]:
+            del self._held[name]
+            self.files.drop(name)
 
     async def report(self) -> None:
         if self._session is None or self._session.closed:
@@ -133,7 +158,7 @@ class Front:
         connections, refused = (0, {}) if self.runner is None else take_connection_stats(self.runner)
         body = self.tally.take(connections, refused)
         try:
-            headers = {internal.WORKER: str(self.index)}
+            headers = {internal.WORKER: str(self.index), internal.SECRET: self.secret}
             async with self.session.post(_url(REPORT_PATH), data=body, headers=headers) as resp:
                 await resp.read()
         except (aiohttp.ClientError, OSError) as exc:
@@ -164,6 +189,8 @@ class Front:
         return tuple(request.headers.getall("Authorization", [])) if self.settings.auth.enabled else ()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path.startswith(internal.PATHS):
+            raise OciError(Code.NAME_UNKNOWN, "no such endpoint")  # the primary's and ours only
         target = self.resolve(request) if request.method in ("GET", "HEAD") else None
         if target is not None and target.kind is Kind.MANIFEST:
             key = (
@@ -187,11 +214,11 @@ class Front:
     def _answer(self, request: web.Request, target: Target, known: Answer) -> web.Response:
         request[keys.KIND] = target.kind.value
         request[keys.UPSTREAM] = target.upstream
-        request[keys.CACHE_RESULT] = "hit"
+        request[keys.CACHE_RESULT] = known.source
         request[keys.USER] = known.user
         request[keys.SENT] = 0 if request.method == "HEAD" else len(known.body)
         if isinstance(target.reference, str):
-            self.tally.pulled(target.upstream, target.repository, target.reference, "hit")
+            self.tally.pulled(target.upstream, target.repository, target.reference, known.source)
         return web.Response(body=known.body, headers=CIMultiDict(known.headers))
 
     async def _relay_manifest(
@@ -212,8 +239,13 @@ class Front:
                 body = await up.read()
         except (aiohttp.ClientError, OSError) as exc:
             return self._unreachable(request, exc)
-        answer = Answer(body, tuple(internal.relayable(up.headers.items())), up.headers.get(internal.USER))
-        self.manifests.put(key, answer, reuse, size=200 + len(body))
+        source = "offline" if up.headers.get(internal.SOURCE) == "offline" else "hit"
+        headers = tuple(internal.relayable(up.headers.items()))
+        answer = Answer(body, headers, up.headers.get(internal.USER), source)
+        # The key's bytes too: it holds every Accept (and Authorization) the client sent.
+        size = 200 + len(body) + sum(len(k) + len(v) for k, v in headers) + _size_of(key)
+        self.manifests.put(key, answer, reuse, size=size)
+        self._accept(request)
         request[keys.INTERNAL] = True  # the primary logged and counted this one
         return web.Response(body=body, headers=CIMultiDict(answer.headers))
 
@@ -221,14 +253,19 @@ class Front:
         digest = target.reference
         assert isinstance(digest, Digest)
         key = (target.upstream, target.repository, digest, self._credentials(request))
+        name = str(digest)
         known = self.blobs.get(key)
         if known is None:
+            if self.settings.auth.enabled and self.accepted.get(key[3]) is None:
+                return None  # credentials not seen accepted lately: the primary judges them
             known = await self._probe(request)
             if known is None:
+                self.files.drop(name)  # not ours to send (any more): nor to hold open
                 return None
             self.blobs.put(key, known, internal.REUSE_MAX)
+            self._held[name] = self.clock() + internal.REUSE_MAX
+            self._accept(request)
         size, user = known
-        name = str(digest)
         try:
             fd, on_disk = await self.files.acquire(name, self.storage.blob_path(digest))
         except OSError:
@@ -270,11 +307,15 @@ class Front:
         self, request: web.Request, *, method: str | None = None, probe: bool = False
     ) -> aiohttp.client._RequestContextManager:
         headers = internal.relayable(request.headers.items())
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
         headers += [
             (internal.CLIENT, request.remote or ""),
             (internal.SCHEME, request.scheme),
             (internal.WORKER, str(self.index)),
+            (internal.PORT, str(sockname[1]) if isinstance(sockname, tuple) else ""),
         ]
+        if hdrs.HOST not in request.headers:
+            headers.append((internal.NO_HOST, "1"))
         if probe:
             headers.append((internal.PROBE, "1"))
         url = _url(request.rel_url.raw_path, request.rel_url.raw_query_string)
@@ -287,11 +328,17 @@ class Front:
             allow_redirects=False,
         )
 
+    def _accept(self, request: web.Request) -> None:
+        if self.settings.auth.enabled:
+            self.accepted.put(self._credentials(request), True, internal.REUSE_MAX)
+
     async def relay(self, request: web.Request) -> web.StreamResponse:
         """The primary's answer to this request, streamed through as it comes."""
         request[keys.INTERNAL] = True  # the primary logs and counts it
         try:
             async with self._send(request) as up:
+                if up.status < 400:
+                    self._accept(request)
                 return await self._pass(request, up)
         except (aiohttp.ClientError, OSError) as exc:
             return self._unreachable(request, exc)
@@ -330,33 +377,18 @@ class Front:
 
     def log_line(self, request: web.Request, resp: web.StreamResponse, started: float) -> None:
         if request.get(keys.INTERNAL):
-            return
-        kind = request.get(keys.KIND, "other")
-        cache = request.get(keys.CACHE_RESULT, "-")
-        upstream = request.get(keys.UPSTREAM, "-")
-        sent = request.get(keys.SENT)
-        if sent is None:
-            body = resp.body if isinstance(resp, web.Response) and request.method != "HEAD" else None
-            sent = len(body) if isinstance(body, bytes | bytearray) else 0
-        self.tally.answered(kind, cache, resp.status, upstream, sent)
-        self.access.write(
-            {
-                "method": request.method,
-                "path": request.path,
-                "ns": request.query.get("ns"),
-                "user": request.get(keys.USER),
-                "status": resp.status,
-                "bytes": sent,
-                "cache": cache,
-                "upstream": upstream,
-                "aborted": request.get(keys.ABORTED, False),
-                "ms": round((time.perf_counter() - started) * 1000, 2),
-                "worker": self.index,
-            }
-        )
+            return  # relayed: the primary logged and counted it
+        request[keys.WORKER] = self.index
+        done = answered(request, resp, started)
+        self.tally.answered(done.kind, done.cache, done.status, done.upstream, done.sent)
+        self.access.write(done.fields)
 
 
 FRONT: Final = web.AppKey("front", Front)
+
+
+def _size_of(key: tuple[Any, ...]) -> int:
+    return sum(_size_of(k) if isinstance(k, tuple) else len(str(k)) for k in key)
 
 
 def _url(path: str, query: str = "") -> URL:
@@ -366,24 +398,20 @@ def _url(path: str, query: str = "") -> URL:
 @web.middleware
 async def _errors_and_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
-    front = request.app[FRONT]
-    try:
-        resp = await handler(request)
-    except OciError as err:
-        resp = error_response(err)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        resp = error_response(OciError(code_for_status(exc.status), exc.reason))
-    except Exception:
-        log.exception("handler_crashed", method=request.method, path=request.path)
-        resp = error_response(OciError(Code.UNKNOWN, "internal error"))
-    front.log_line(request, resp, started)
+    resp = await answer(request, handler)
+    request.app[FRONT].log_line(request, resp, started)
     return resp
 
 
-def create_app(settings: Settings, socket_path: str, access: AccessLog, index: int = 1) -> web.Application:
-    front = Front(settings, socket_path, access, index)
+def create_app(
+    settings: Settings,
+    socket_path: str,
+    access: AccessLog,
+    index: int = 1,
+    secret: str = "",
+    clock: Callable[[], float] = time.monotonic,
+) -> web.Application:
+    front = Front(settings, socket_path, access, index, secret, clock)
     app = web.Application(middlewares=[_errors_and_log], client_max_size=64 * 1024)
     app[keys.SETTINGS] = settings
     app[FRONT] = front

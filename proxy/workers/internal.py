@@ -17,20 +17,29 @@ PREFIX: Final = "ocicache-internal-"
 CLIENT: Final = "Ocicache-Internal-Client"  # the client's address
 SCHEME: Final = "Ocicache-Internal-Scheme"  # http or https, as the client connected
 WORKER: Final = "Ocicache-Internal-Worker"  # which worker relays it (1..N-1), for the log
+PORT: Final = "Ocicache-Internal-Port"  # the port the client reached (addresses the primary names)
+NO_HOST: Final = "Ocicache-Internal-No-Host"  # the client sent none (the relay must send one)
+SECRET: Final = "Ocicache-Internal-Secret"  # on reports: this run's secret, from the primary
 PROBE: Final = "Ocicache-Internal-Probe"  # HEAD of a blob: say whether it is cached, fetch nothing
 # Response headers, primary -> worker.
 REUSE: Final = "Ocicache-Internal-Reuse"  # seconds this answer may answer the same request
 FILE: Final = "Ocicache-Internal-File"  # the blob is a whole cached file of this size
 USER: Final = "Ocicache-Internal-User"  # the verified user the answer was for
+SOURCE: Final = "Ocicache-Internal-Source"  # offline, when the manifest was answered offline
+
+# Paths between the primary and its workers: a worker never relays a client's request there.
+PATHS: Final = "/_ocicache/"
 
 # The longest a worker answers from what the primary said, whatever the tag's TTL: the bound
 # on how late a purge, an eviction or an expired login reaches it.
 REUSE_MAX: Final = 1.0
 
-# Per-connection headers, never relayed (RFC 9110 7.6.1), and those aiohttp sets itself.
+# Per-connection headers, never relayed (RFC 9110 7.6.1), and those aiohttp sets itself;
+# Expect too: the worker's own server has answered it already.
 HOP_BY_HOP: Final = frozenset(
     {
         "connection",
+        "expect",
         "keep-alive",
         "proxy-connection",
         "proxy-authenticate",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+import shutil
 import signal
 import ssl
 import struct
@@ -39,6 +40,7 @@ class Orders:
     socket_path: str  # the primary's Unix socket
     port: int  # the port the primary bound (--listen :0 is known only then)
     index: int  # 1..workers-1, for the logs
+    secret: str  # what the primary takes this run's reports with
     event_loop: str  # uvloop or asyncio
 
 
@@ -64,7 +66,7 @@ async def serve(orders: Orders) -> None:
     ssl_context: ssl.SSLContext | None = None
     if settings.tls is not None:
         ssl_context = tls.server_context(settings.tls)
-    app = front.create_app(settings, orders.socket_path, access_log(), orders.index)
+    app = front.create_app(settings, orders.socket_path, access_log(), orders.index, orders.secret)
     runner = AppRunner(app, access_log=None, handle_signals=False, processes=settings.processes)
     await runner.setup()
     app[front.FRONT].runner = runner
@@ -101,12 +103,18 @@ async def serve(orders: Orders) -> None:
     try:
         await stop.wait()
     finally:
-        log.info("worker_stopping", index=orders.index, primary_gone=gone.done())
+        primary_gone = gone.done()
+        log.info("worker_stopping", index=orders.index, primary_gone=primary_gone)
         gone.cancel()
         await runner.cleanup()
+        if primary_gone:
+            # It could not remove its socket's directory (killed): the first worker out does.
+            shutil.rmtree(os.path.dirname(orders.socket_path), ignore_errors=True)
 
 
 def main() -> None:
+    # Until the loop's own handler is in place, a reload (SIGHUP) must not end this process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     orders = decode(sys.stdin.buffer)
     configure(orders.settings.log_level, orders.settings.log_format)
     structlog.contextvars.bind_contextvars(worker=orders.index)

@@ -37,14 +37,22 @@ class Worker:
         self.orders = orders
         self.proc: asyncio.subprocess.Process | None = None
         self.started = 0.0
-        self.pause = RESTART_MIN
+        self.ready = False  # listening, its signal handlers in place
+        self.quick_deaths = 0  # in a row, each within HEALTHY_AFTER of its start
 
     @property
     def pid(self) -> int | None:
         return None if self.proc is None else self.proc.pid
 
+    @property
+    def pause(self) -> float:
+        """How long to wait before starting it again."""
+        return float(min(RESTART_MIN * 2.0 ** max(0, self.quick_deaths - 1), RESTART_MAX))
+
     async def start(self) -> bool:
-        """Start it and wait until it listens; False if it did not within the time."""
+        """Start it and wait until it listens; False if it did not within the time (it is
+        then killed). Raises OSError if it cannot be started at all (fork refused)."""
+        self.ready = False
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -62,7 +70,11 @@ class Worker:
             line = await asyncio.wait_for(self.proc.stdout.readline(), START_TIMEOUT)
         except TimeoutError:
             line = b""
-        return line == READY
+        self.ready = line == READY
+        if not self.ready:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()  # hung or broken: the watch sees it exit and tries again
+        return self.ready
 
 
 class Supervisor:
@@ -72,11 +84,13 @@ class Supervisor:
         socket_path: str,
         port: int,
         event_loop: str,
+        secret: str,
         on_exit: Callable[[int], None] = lambda index: None,
     ) -> None:
         self._on_exit = on_exit  # a worker (by index) is gone: what it reported is stale
         self.workers = [
-            Worker(Orders(settings, socket_path, port, i, event_loop)) for i in range(1, settings.processes)
+            Worker(Orders(settings, socket_path, port, i, secret, event_loop))
+            for i in range(1, settings.processes)
         ]
         self._stopping = False
         self._watches: list[asyncio.Task[None]] = []
@@ -93,33 +107,49 @@ class Supervisor:
         ]
 
     async def _start(self, worker: Worker) -> None:
-        if await worker.start():
+        try:
+            ready = await worker.start()
+        except OSError as exc:
+            worker.proc = None
+            log.error("worker_not_started", index=worker.orders.index, error=str(exc))
+            return
+        if ready:
             log.info("worker_started", index=worker.orders.index, pid=worker.pid)
         else:
             log.error("worker_not_ready", index=worker.orders.index, pid=worker.pid, timeout=START_TIMEOUT)
 
     async def _watch(self, worker: Worker) -> None:
         while not self._stopping:
-            assert worker.proc is not None
-            code = await worker.proc.wait()
-            self._on_exit(worker.orders.index)
-            if worker.proc.stdin is not None:
-                worker.proc.stdin.close()  # its pipe, not the next one's
-            if self._stopping:
-                return
-            lived = time.monotonic() - worker.started
-            worker.pause = RESTART_MIN if lived > HEALTHY_AFTER else min(worker.pause * 2, RESTART_MAX)
-            log.warning(
-                "worker_exited", index=worker.orders.index, pid=worker.pid, code=code, restart_in=worker.pause
-            )
+            proc = worker.proc
+            if proc is not None:
+                code = await proc.wait()
+                worker.ready = False
+                self._on_exit(worker.orders.index)
+                if proc.stdin is not None:
+                    proc.stdin.close()  # its pipe, not the next one's
+                if self._stopping:
+                    return
+                healthy = time.monotonic() - worker.started > HEALTHY_AFTER
+                worker.quick_deaths = 0 if healthy else worker.quick_deaths + 1
+                log.warning(
+                    "worker_exited",
+                    index=worker.orders.index,
+                    pid=proc.pid,
+                    code=code,
+                    restart_in=worker.pause,
+                )
+            else:
+                worker.quick_deaths += 1  # could not even be started
             await asyncio.sleep(worker.pause)
             if self._stopping:
                 return
             await self._start(worker)
 
     def signal(self, sig: int) -> None:
+        """Pass ``sig`` on to the workers that are up: one still starting has no handler for
+        it yet, and SIGHUP's default would end it."""
         for worker in self.workers:
-            if worker.proc is not None and worker.proc.returncode is None:
+            if worker.ready and worker.proc is not None and worker.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     worker.proc.send_signal(sig)
 

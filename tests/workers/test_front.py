@@ -25,7 +25,6 @@ from proxy.web import keys
 from proxy.web.accesslog import AccessLog
 from proxy.web.workerlink import REPORT_PATH
 from proxy.workers import front, internal
-from proxy.workers.memo import Memo
 from tests.conftest import Proxy, ProxyTestServer, StartProxy
 from tests.support.fake_upstream import BlobFaults, FakeUpstream
 from tests.support.images import MANIFEST_ACCEPT, make_image
@@ -92,15 +91,14 @@ async def start_pair(start_proxy: StartProxy) -> AsyncIterator[StartPair]:
         await unix.start()
         log = Lines()
         access: AccessLog = log
-        app = front.create_app(primary.settings, socket_path, access)
+        clock = Clock()
+        secret = primary.app[keys.WORKER_SECRET]
+        app = front.create_app(primary.settings, socket_path, access, secret=secret, clock=clock)
         server = ProxyTestServer(app, host="127.0.0.1", port=0)
         await server.start_server()
         servers.append(server)
         the_front = app[front.FRONT]
         the_front.runner = server.runner
-        clock = Clock()
-        the_front.manifests = Memo(clock=clock)
-        the_front.blobs = Memo(clock=clock)
         return Pair(primary, f"http://127.0.0.1:{server.port}", the_front, log, clock, socket_path, unix)
 
     yield start
@@ -318,9 +316,14 @@ async def test_the_workers_answers_are_counted_in_the_primarys_metrics(
 async def test_a_report_that_is_not_one_is_refused(start_pair: StartPair, fake: FakeUpstream) -> None:
     pair = await start_pair({"docker.io": fake.url})
     conn = aiohttp.UnixConnector(path=pair.socket_path)
+    secret = {internal.SECRET: pair.front.secret}
     async with aiohttp.ClientSession(connector=conn) as unix:
+        # Over the primary's socket, but without this run's secret: not a worker's.
+        for headers in ({}, {internal.SECRET: "guess"}):
+            async with unix.post(f"http://ocicache{REPORT_PATH}", data=b"{}", headers=headers) as resp:
+                assert resp.status == 404
         for body in (b"[[[[" * 5000, b'{"requests": [["a", "b", true, "c", 1, 1]]}', b"{}", b"\xff"):
-            async with unix.post(f"http://ocicache{REPORT_PATH}", data=body) as resp:
+            async with unix.post(f"http://ocicache{REPORT_PATH}", data=body, headers=secret) as resp:
                 assert resp.status in (204, 400), body
                 if resp.status == 400:
                     assert (await resp.json())["errors"][0]["code"] == "REQUEST_INVALID"

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.core.config import Settings
+from proxy.core.config import Settings, cpu_quota
 from proxy.web.accesslog import pipe_sized
 from proxy.web.runner import Limits
 from proxy.workers import internal, tally
@@ -134,3 +134,20 @@ def test_log_lines_go_out_whole_in_writes_no_larger_than_a_pipe_takes_at_once(li
 def test_processes_on_one_port_share_the_per_address_limit(limit: int, processes: int, share: int) -> None:
     settings = replace(Settings(), max_connections_per_address=limit)
     assert Limits.of(settings, processes).per_address == share
+
+
+@pytest.mark.parametrize(
+    ("text", "cpus"),
+    [
+        ("max 100000\n", None),
+        ("200000 100000\n", 2),
+        ("150000 100000", 2),
+        ("50000 100000", 1),
+        ("100000 0", None),
+        ("", None),
+        ("²00000 100000", None),
+        ("9" * 40 + " 100000", None),
+    ],
+)
+def test_a_containers_cpu_quota_bounds_the_automatic_process_count(text: str, cpus: int | None) -> None:
+    assert cpu_quota(text) == cpus
