@@ -78,6 +78,9 @@ StartProxy = Callable[..., Awaitable[Proxy]]
 
 def make_settings(cache_dir: Path, upstreams: dict[str, str], **overrides: Any) -> Settings:
     ups = tuple(UpstreamConfig(name, url) for name, url in upstreams.items())
+    # One process unless a test says otherwise: an in-process app is one (serve's workers are
+    # tests/workers' and tests/system's), whatever this machine's CPU count makes of auto.
+    overrides = {"workers": 1, **overrides}
     return replace(Settings(), cache_dir=cache_dir, upstreams=ups, listen_host="127.0.0.1", **overrides)
 
 
