@@ -109,11 +109,21 @@ async def serve(
     app = create_app(settings, access=access_log())
     log.info("settings", **effective(settings))
     runner = AppRunner(app, access_log=None, handle_signals=False, processes=settings.processes)
-    await runner.setup()
     supervisor: Supervisor | None = None
     # Only this user may enter the directory, so only our workers reach the socket in it.
     relay_dir = tempfile.mkdtemp(prefix="ocicache-") if several else None
+    if relay_dir is not None:
+        metrics = app[keys.METRICS]
+
+        def gone(index: int) -> None:
+            metrics.worker_connections.pop(index, None)  # its last report is stale
+
+        socket_path = os.path.join(relay_dir, "primary.sock")
+        supervisor = Supervisor(settings, socket_path, event_loop, app[keys.WORKER_SECRET], on_exit=gone)
     try:
+        if supervisor is not None:
+            await supervisor.spawn()  # they import while this process loads its catalogue
+        await runner.setup()
         site = web.TCPSite(
             runner,
             settings.listen_host,
@@ -123,18 +133,9 @@ async def serve(
             reuse_port=several or None,
         )
         await site.start()
-        if relay_dir is not None:
-            socket_path = os.path.join(relay_dir, "primary.sock")
-            await web.UnixSite(runner, socket_path).start()
-            port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
-            metrics = app[keys.METRICS]
-
-            def gone(index: int) -> None:
-                metrics.worker_connections.pop(index, None)  # its last report is stale
-
-            secret = app[keys.WORKER_SECRET]
-            supervisor = Supervisor(settings, socket_path, port, event_loop, secret, on_exit=gone)
-            await supervisor.start()
+        if supervisor is not None and relay_dir is not None:
+            await web.UnixSite(runner, os.path.join(relay_dir, "primary.sock")).start()
+            await supervisor.start(next(a[1] for a in runner.addresses if isinstance(a, tuple)))
         await _until_stopped(settings, app, runner, ssl_context, supervisor, relay_dir)
     finally:
         log.info("stopping")

@@ -115,12 +115,14 @@ async def serve(orders: Orders) -> None:
 def main() -> None:
     # Until the loop's own handler is in place, a reload (SIGHUP) must not end this process.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Everything is imported by now (this module's imports, and uvloop's): the orders come
+    # once the primary listens, and the worker then only binds and says it is ready.
+    import uvloop
+
     orders = decode(sys.stdin.buffer)
     configure(orders.settings.log_level, orders.settings.log_format)
     structlog.contextvars.bind_contextvars(worker=orders.index)
     if orders.event_loop == "uvloop":
-        import uvloop
-
         uvloop.run(serve(orders))
     else:
         asyncio.run(serve(orders))

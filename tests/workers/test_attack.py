@@ -190,7 +190,7 @@ async def test_a_worker_that_could_not_be_started_once_is_tried_again(
     third = asyncio.Event()
     procs: list[_FakeProc] = []
 
-    async def start(self: supervisor.Worker) -> bool:
+    async def start(self: supervisor.Worker, orders: object) -> bool:
         calls.append("start")
         if len(calls) == 2:
             raise BlockingIOError(11, "Resource temporarily unavailable")  # fork: EAGAIN
@@ -204,8 +204,8 @@ async def test_a_worker_that_could_not_be_started_once_is_tried_again(
 
     monkeypatch.setattr(supervisor.Worker, "start", start)
     settings = replace(Settings(), cache_dir=tmp_path, workers=2)
-    sup = supervisor.Supervisor(settings, str(tmp_path / "s.sock"), 1, "asyncio", "secret")
-    await sup.start()
+    sup = supervisor.Supervisor(settings, str(tmp_path / "s.sock"), "asyncio", "secret")
+    await sup.start(1)
     procs[0].exited.set()  # the worker dies (OOM); its restart fails once
     try:
         async with asyncio.timeout(10):  # a bound on the wait for the event, not a pace
