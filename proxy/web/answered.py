@@ -42,7 +42,7 @@ async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(OciError(Code.UNKNOWN, "internal error"))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made on every request, and a frozen one costs more
 class Answered:
     kind: str
     cache: str
@@ -52,15 +52,11 @@ class Answered:
     fields: dict[str, Any]  # the access line
 
 
-def _cut(text: str | None) -> str | None:
-    if text is None or len(text) <= LOGGED_MAX:
-        return text
-    return text[:LOGGED_MAX] + "…"
-
-
-def answered(request: web.Request, resp: web.StreamResponse, started: float) -> Answered:
+def answered(
+    request: web.Request, resp: web.StreamResponse, started: float, worker: int | None = None
+) -> Answered:
     """``resp`` to ``request`` as counted and logged; ``started``: ``time.perf_counter()``
-    when it arrived."""
+    when it arrived; ``worker``: which process took the connection (serve --workers)."""
     sent = request.get(keys.SENT)
     if sent is None:
         # Answers the handlers did not stream themselves (errors, tags lists, /setup, JSON):
@@ -70,10 +66,15 @@ def answered(request: web.Request, resp: web.StreamResponse, started: float) -> 
     kind = request.get(keys.KIND, "other")
     cache = request.get(keys.CACHE_RESULT, "-")
     upstream = request.get(keys.UPSTREAM, "-")
+    path, ns = request.path, request.query.get("ns")
+    if len(path) > LOGGED_MAX:
+        path = path[:LOGGED_MAX] + "…"
+    if ns is not None and len(ns) > LOGGED_MAX:
+        ns = ns[:LOGGED_MAX] + "…"
     fields: dict[str, Any] = {
         "method": request.method,
-        "path": _cut(request.path),
-        "ns": _cut(request.query.get("ns")),
+        "path": path,
+        "ns": ns,
         "user": request.get(keys.USER),
         "status": resp.status,
         "bytes": sent,
@@ -82,7 +83,6 @@ def answered(request: web.Request, resp: web.StreamResponse, started: float) -> 
         "aborted": request.get(keys.ABORTED, False),
         "ms": round((time.perf_counter() - started) * 1000, 2),
     }
-    worker = request.get(keys.WORKER)
     if worker is not None:
-        fields["worker"] = worker  # serve --workers: which process the client reached
+        fields["worker"] = worker
     return Answered(kind, cache, resp.status, upstream, sent, fields)

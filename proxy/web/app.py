@@ -31,14 +31,27 @@ from proxy.web.pulls import Pulls
 from proxy.web.samples import Samples
 
 
-@web.middleware
-async def errors_and_access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error becomes the OCI envelope; every request becomes one log line."""
-    started = time.perf_counter()
-    resp = await answer(request, handler)
-    if request.get(keys.INTERNAL):
-        return resp  # the primary and a worker talking: the worker logs and counts the answer
-    done = answered(request, resp, started)
+def errors_and_access_log(workers: bool) -> Middleware:
+    """Every error becomes the OCI envelope; every request becomes one log line. ``workers``:
+    serve runs several processes (the lines say which, and their own talk is not logged)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        resp = await answer(request, handler)
+        if not workers:
+            return _logged(request, resp, started, None)
+        if request.get(keys.INTERNAL):
+            return resp  # the primary and a worker talking: the worker logs the answer
+        return _logged(request, resp, started, request.get(keys.WORKER))
+
+    return middleware
+
+
+def _logged(
+    request: web.Request, resp: web.StreamResponse, started: float, worker: int | None
+) -> web.StreamResponse:
+    done = answered(request, resp, started, worker)
     request.app[keys.METRICS].count(done.kind, done.cache, done.status, done.upstream, done.sent)
     if (
         keys.PEER in request
@@ -175,7 +188,8 @@ def create_app(
     """``prefetch``: what ``POST /admin/v1/prefetch`` runs (the air-gap layer's, unless a test
     hands in its own); ``access``: where request lines go (structlog unless ``serve`` chose
     the batched JSON writer)."""
-    middlewares: list[Middleware] = [errors_and_access_log]
+    workers = settings.processes > 1
+    middlewares: list[Middleware] = [errors_and_access_log(workers)]
     public: tuple[Handler, ...] = (
         metrics_endpoint,
         health.healthz,
@@ -186,7 +200,6 @@ def create_app(
         # The admin API checks its own token (not a client login).
         *admin.HANDLERS,
     )
-    workers = settings.processes > 1
     if workers:
         public = (*public, workerlink.report)
         # Outermost: the rest sees a relayed request as the client's own.

@@ -378,8 +378,7 @@ class Front:
     def log_line(self, request: web.Request, resp: web.StreamResponse, started: float) -> None:
         if request.get(keys.INTERNAL):
             return  # relayed: the primary logged and counted it
-        request[keys.WORKER] = self.index
-        done = answered(request, resp, started)
+        done = answered(request, resp, started, self.index)
         self.tally.answered(done.kind, done.cache, done.status, done.upstream, done.sent)
         self.access.write(done.fields)
 
