@@ -27,6 +27,10 @@ from proxy.workers.supervisor import Supervisor
 
 log = structlog.get_logger("ocicache")
 
+# Connections the workers' relays may open at once before the primary accepts them (the
+# kernel caps it at net.core.somaxconn, 4096 by default).
+RELAY_BACKLOG = 4096
+
 
 def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser(
@@ -134,7 +138,10 @@ async def serve(
         )
         await site.start()
         if supervisor is not None and relay_dir is not None:
-            await web.UnixSite(runner, os.path.join(relay_dir, "primary.sock")).start()
+            # A Unix socket refuses (EAGAIN) past its backlog where TCP would queue: room
+            # for every relay a burst of clients opens at once.
+            relay_socket = os.path.join(relay_dir, "primary.sock")
+            await web.UnixSite(runner, relay_socket, backlog=RELAY_BACKLOG).start()
             await supervisor.start(next(a[1] for a in runner.addresses if isinstance(a, tuple)))
         await _until_stopped(settings, app, runner, ssl_context, supervisor, relay_dir)
     finally:

@@ -55,6 +55,9 @@ REPORT_EVERY: Final = 1.0
 # download waits for it as long as the primary lets it.
 CONNECT_TIMEOUT: Final = 5.0
 RELAY_CHUNK: Final = 256 * 1024
+# Relay connections open at once; more requests wait for one (each worker's clients are
+# bounded by max_connections_per_address already: this bounds the primary's side too).
+RELAYS_MAX: Final = 1024
 # What the worker answers a request with while the primary cannot be reached.
 _UNREACHABLE: Final = "the proxy's primary process cannot be reached"
 
@@ -113,10 +116,14 @@ class Front:
     # --- lifecycle --------------------------------------------------------------------------
 
     async def open(self) -> None:
-        connector = aiohttp.UnixConnector(path=self.socket_path, limit=0, keepalive_timeout=self._keepalive)
+        connector = aiohttp.UnixConnector(
+            path=self.socket_path, limit=RELAYS_MAX, keepalive_timeout=self._keepalive
+        )
         self._session = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT),
+            # Connecting is bounded; waiting for a free relay connection is not (a client that
+            # waits is bounded by its own patience and our idle and header timeouts).
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT),
             auto_decompress=False,
             skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
         )

@@ -173,3 +173,27 @@ async def test_a_port_another_server_holds_is_one_line_not_a_shared_port(
         taken.close()
     assert proc.returncode == 1
     assert b"address already in use" in err and b"Traceback" not in err and b"listening" not in out
+
+
+async def test_a_burst_of_clients_is_relayed_not_refused(fake: FakeUpstream, tmp_path: Path) -> None:
+    # A Unix socket refuses a connection (EAGAIN) past its listen backlog where TCP would
+    # queue it: with aiohttp's default backlog of 128, a worker relaying a burst of a few
+    # hundred requests at once answered many of them 503 "cannot reach the primary".
+    addresses = [f"127.0.0.{i}" for i in range(2, 12)]
+    async with serving(tmp_path / "cache", {"docker.io": fake.url}, "--workers", "2", logs=True) as proxy:
+        await worker_pids(proxy)
+        host, port = proxy.host.rsplit(":", 1)
+        opened = [
+            await asyncio.open_connection(host, int(port), local_addr=(addresses[i % 10], 0))
+            for i in range(600)
+        ]
+        try:
+            for _, writer in opened:
+                writer.write(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+            heads = await asyncio.gather(*(reader.readuntil(b"\r\n\r\n") for reader, _ in opened))
+        finally:
+            for _, writer in opened:
+                writer.close()
+    statuses = [head.split(b" ", 2)[1] for head in heads]
+    assert statuses == [b"200"] * 600
+    assert {e.get("worker") for e in events(proxy, "request")} == {0, 1}
