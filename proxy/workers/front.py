@@ -21,14 +21,13 @@ from typing import Any, Final
 
 import aiohttp
 import structlog
-from aiohttp import hdrs, web
+from aiohttp import web
 from cachetools import LRUCache
 from multidict import CIMultiDict
-from yarl import URL
 
 from proxy.core.config import Settings
 from proxy.core.digits import parse_count
-from proxy.core.errors import Code, OciError, error_response
+from proxy.core.errors import Code, OciError
 from proxy.core.mediatypes import MANIFEST_MAX
 from proxy.core.reference import Digest, Kind, parse_path
 from proxy.core.routing import route
@@ -39,27 +38,16 @@ from proxy.web.accesslog import AccessLog
 from proxy.web.answered import Handler, answer, answered
 from proxy.web.blobs import Body, abort, send_body
 from proxy.web.runner import take_connection_stats
-from proxy.web.workerlink import REPORT_PATH
 from proxy.web.zerocopy import FileShrunk
 from proxy.workers import internal
 from proxy.workers.memo import Memo
+from proxy.workers.relay import Relay
 from proxy.workers.tally import Tally
 
 log = structlog.get_logger("ocicache.worker")
 
-
 # How often the worker reports its counts and lets go of files it no longer may send.
 REPORT_EVERY: Final = 1.0
-# The relay's connection to the primary: local, so connecting is quick or broken. Reading has
-# no deadline of its own: the primary bounds every upstream call, and a client tailing a slow
-# download waits for it as long as the primary lets it.
-CONNECT_TIMEOUT: Final = 5.0
-RELAY_CHUNK: Final = 256 * 1024
-# Relay connections open at once; more requests wait for one (each worker's clients are
-# bounded by max_connections_per_address already: this bounds the primary's side too).
-RELAYS_MAX: Final = 1024
-# What the worker answers a request with while the primary cannot be reached.
-_UNREACHABLE: Final = "the proxy's primary process cannot be reached"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +78,6 @@ class Front:
     ) -> None:
         self.settings = settings
         self.index = index
-        self.socket_path = socket_path
         self.access = access
         self.secret = secret  # what the primary takes a report with
         self.clock = clock
@@ -106,39 +93,20 @@ class Front:
         self.tally = Tally()
         self._resolved: LRUCache[tuple[str, str | None], Target | None] = LRUCache(maxsize=8192)
         self._names = [u.name for u in settings.upstreams]
-        self._session: aiohttp.ClientSession | None = None
+        self.primary = Relay(socket_path, index, settings.idle_timeout)
         # The runner serving this app, once set up: its connections go in the reports.
         self.runner: web.BaseRunner | None = None
-        # Shorter than the primary's idle timeout, so that the pool never sends a request on a
-        # connection the primary is closing as idle.
-        self._keepalive = min(15.0, settings.idle_timeout / 2)
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def open(self) -> None:
-        connector = aiohttp.UnixConnector(
-            path=self.socket_path, limit=RELAYS_MAX, keepalive_timeout=self._keepalive
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            # Connecting is bounded; waiting for a free relay connection is not (a client that
-            # waits is bounded by its own patience and our idle and header timeouts).
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT),
-            auto_decompress=False,
-            skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
-        )
+        await self.primary.open()
 
     async def close(self) -> None:
         await self.report()
-        if self._session is not None:
-            await self._session.close()
+        await self.primary.close()
         self.files.close()
         self.access.flush()
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "open() first"
-        return self._session
 
     async def reporting(self) -> None:
         """Every second: send the counts, and close the files no longer confirmed."""
@@ -159,17 +127,11 @@ class Front:
             self.files.drop(name)
 
     async def report(self) -> None:
-        if self._session is None or self._session.closed:
+        if not self.primary.open_:
             return
         # Sent even when nothing was answered: the connections held are news too.
         connections, refused = (0, {}) if self.runner is None else take_connection_stats(self.runner)
-        body = self.tally.take(connections, refused)
-        try:
-            headers = {internal.WORKER: str(self.index), internal.SECRET: self.secret}
-            async with self.session.post(_url(REPORT_PATH), data=body, headers=headers) as resp:
-                await resp.read()
-        except (aiohttp.ClientError, OSError) as exc:
-            log.warning("worker_report_lost", error=str(exc))  # counts lost, never answers
+        await self.primary.report(self.tally.take(connections, refused), self.secret)
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -232,7 +194,7 @@ class Front:
         self, request: web.Request, target: Target, key: tuple[Any, ...]
     ) -> web.StreamResponse:
         try:
-            async with self._send(request) as up:
+            async with self.primary.send(request) as up:
                 reuse = internal.parse_reuse(up.headers.get(internal.REUSE))
                 length = parse_count(up.headers.get("Content-Length", ""))
                 if (
@@ -242,10 +204,10 @@ class Front:
                     or length is None
                     or length > MANIFEST_MAX
                 ):
-                    return await self._pass(request, up)
+                    return await self.primary.pass_on(request, up)
                 body = await up.read()
         except (aiohttp.ClientError, OSError) as exc:
-            return self._unreachable(request, exc)
+            return self.primary.unreachable(request, exc)
         source = "offline" if up.headers.get(internal.SOURCE) == "offline" else "hit"
         headers = tuple(internal.relayable(up.headers.items()))
         answer = Answer(body, headers, up.headers.get(internal.USER), source)
@@ -302,38 +264,13 @@ class Front:
         """Whether the primary holds this blob whole, for this request's repository and
         credentials: its size and user, or None (then the request is relayed)."""
         try:
-            async with self._send(request, method="HEAD", probe=True) as up:
+            async with self.primary.send(request, method="HEAD", probe=True) as up:
                 size = parse_count(up.headers.get(internal.FILE, "")) if up.status == 200 else None
                 return None if size is None else (size, up.headers.get(internal.USER))
         except (aiohttp.ClientError, OSError):
             return None
 
-    # --- the relay --------------------------------------------------------------------------
-
-    def _send(
-        self, request: web.Request, *, method: str | None = None, probe: bool = False
-    ) -> aiohttp.client._RequestContextManager:
-        headers = internal.relayable(request.headers.items())
-        sockname = request.transport.get_extra_info("sockname") if request.transport else None
-        headers += [
-            (internal.CLIENT, request.remote or ""),
-            (internal.SCHEME, request.scheme),
-            (internal.WORKER, str(self.index)),
-            (internal.PORT, str(sockname[1]) if isinstance(sockname, tuple) else ""),
-        ]
-        if hdrs.HOST not in request.headers:
-            headers.append((internal.NO_HOST, "1"))
-        if probe:
-            headers.append((internal.PROBE, "1"))
-        url = _url(request.rel_url.raw_path, request.rel_url.raw_query_string)
-        reads = request.can_read_body and not probe
-        return self.session.request(
-            method or request.method,
-            url,
-            headers=headers,
-            data=request.content.iter_chunked(RELAY_CHUNK) if reads else None,
-            allow_redirects=False,
-        )
+    # --- what goes to the primary -----------------------------------------------------------
 
     def _accept(self, request: web.Request) -> None:
         if self.settings.auth.enabled:
@@ -343,44 +280,12 @@ class Front:
         """The primary's answer to this request, streamed through as it comes."""
         request[keys.INTERNAL] = True  # the primary logs and counts it
         try:
-            async with self._send(request) as up:
+            async with self.primary.send(request) as up:
                 if up.status < 400:
                     self._accept(request)
-                return await self._pass(request, up)
+                return await self.primary.pass_on(request, up)
         except (aiohttp.ClientError, OSError) as exc:
-            return self._unreachable(request, exc)
-
-    async def _pass(self, request: web.Request, up: aiohttp.ClientResponse) -> web.StreamResponse:
-        request[keys.INTERNAL] = True
-        resp = web.StreamResponse(
-            status=up.status, reason=up.reason, headers=CIMultiDict(internal.relayable(up.headers.items()))
-        )
-        length = parse_count(up.headers.get("Content-Length", ""))
-        if length is not None:
-            resp.content_length = length
-        elif up.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            resp.enable_chunked_encoding()
-        try:
-            await resp.prepare(request)
-        except ConnectionError:
-            return abort(request, resp)
-        if request.method == "HEAD" or up.status in (204, 304):
-            await resp.write_eof()
-            return resp
-        try:
-            async for chunk in up.content.iter_chunked(RELAY_CHUNK):
-                await resp.write(chunk)
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            # The primary cut its answer short (a bad download, a kill): so do we, never a
-            # clean end of a short body.
-            return abort(request, resp)
-        await resp.write_eof()
-        return resp
-
-    def _unreachable(self, request: web.Request, exc: BaseException) -> web.Response:
-        request[keys.INTERNAL] = False
-        log.warning("primary_unreachable", error=str(exc) or type(exc).__name__)
-        return error_response(OciError(Code.UNAVAILABLE, _UNREACHABLE, headers={"Retry-After": "1"}))
+            return self.primary.unreachable(request, exc)
 
     def log_line(self, request: web.Request, resp: web.StreamResponse, started: float) -> None:
         if request.get(keys.INTERNAL):
@@ -395,10 +300,6 @@ FRONT: Final = web.AppKey("front", Front)
 
 def _size_of(key: tuple[Any, ...]) -> int:
     return sum(_size_of(k) if isinstance(k, tuple) else len(str(k)) for k in key)
-
-
-def _url(path: str, query: str = "") -> URL:
-    return URL.build(scheme="http", host="ocicache", path=path, query_string=query, encoded=True)
 
 
 @web.middleware

@@ -25,6 +25,7 @@ from proxy.web import keys
 from proxy.web.accesslog import AccessLog
 from proxy.web.workerlink import REPORT_PATH
 from proxy.workers import front, internal
+from proxy.workers.relay import Relay
 from tests.conftest import Proxy, ProxyTestServer, StartProxy
 from tests.support.fake_upstream import BlobFaults, FakeUpstream
 from tests.support.images import MANIFEST_ACCEPT, make_image
@@ -67,9 +68,9 @@ class Pair:
         """From here on the worker cannot reach the primary: the socket is gone, and so are
         the connections its pool kept open."""
         await self.unix.stop()
-        kept = self.front.session
-        self.front.socket_path = f"{self.socket_path}.gone"
-        await self.front.open()
+        kept = self.front.primary
+        self.front.primary = Relay(f"{self.socket_path}.gone", kept.index, 60.0)
+        await self.front.primary.open()
         await kept.close()
 
 
