@@ -124,9 +124,24 @@ async def serve(
 
         socket_path = os.path.join(relay_dir, "primary.sock")
         supervisor = Supervisor(settings, socket_path, event_loop, app[keys.WORKER_SECRET], on_exit=gone)
+    # Until it listens (then _until_stopped's handlers take over), SIGINT and SIGTERM stop the
+    # start-up where it is, and the clean-up below still runs: the workers, the directory.
+    loop = asyncio.get_running_loop()
+    starting = asyncio.current_task()
+    stopped_starting = False
+
+    def stop_starting() -> None:
+        nonlocal stopped_starting
+        stopped_starting = True
+        if starting is not None:
+            starting.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_starting)
     try:
         if supervisor is not None:
             await supervisor.spawn()  # they import while this process loads its catalogue
+            log.info("workers_spawned", pids=supervisor.spawned_pids)
         await runner.setup()
         site = web.TCPSite(
             runner,
@@ -144,6 +159,10 @@ async def serve(
             await web.UnixSite(runner, relay_socket, backlog=RELAY_BACKLOG).start()
             await supervisor.start(next(a[1] for a in runner.addresses if isinstance(a, tuple)))
         await _until_stopped(settings, app, runner, ssl_context, supervisor, relay_dir)
+    except asyncio.CancelledError:
+        if not stopped_starting:
+            raise
+        log.info("stopped_while_starting")
     finally:
         log.info("stopping")
         if supervisor is not None:

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -59,15 +60,26 @@ class Limits:
 
     @classmethod
     def of(cls, settings: Settings, processes: int = 1) -> Limits:
-        """``processes`` serving one port share the per-address limit: the kernel spreads an
-        address's connections evenly over them, so each holds its share (rounded up)."""
-        per_address = settings.max_connections_per_address
+        """``processes`` serving one port share the per-address limit (see :func:`share`)."""
         return cls(
             settings.header_timeout,
             settings.idle_timeout,
-            -(-per_address // processes),
+            share(settings.max_connections_per_address, processes),
             settings.max_requests_per_connection,
         )
+
+
+def share(limit: int, processes: int) -> int:
+    """One process's part of a per-address ``limit`` over ``processes`` on one port, which
+    count apart. The kernel picks a process for each connection by a hash of its addresses
+    and ports, so one address's connections spread like coin tosses, not evenly: each
+    process allows its even share plus three standard deviations of that spread (at most the
+    limit). An address within its limit is then all but never refused; one past it is held
+    to a little more (256 over 2 processes: 162 each).  0 is no limit."""
+    if limit == 0 or processes <= 1:
+        return limit
+    even = limit / processes
+    return min(limit, math.ceil(even + 3 * math.sqrt(even)))
 
 
 def _raw_error(code: Code, message: str, extra: str = "") -> bytes:

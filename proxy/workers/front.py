@@ -232,6 +232,9 @@ class Front:
                 self.files.drop(name)  # not ours to send (any more): nor to hold open
                 return None
             self.blobs.put(key, known, internal.REUSE_MAX)
+            # Confirmed anew: open the file anew too. The one held may have been purged and
+            # fetched again under the same name since; it must not outlive this second.
+            self.files.drop(name)
             self._held[name] = self.clock() + internal.REUSE_MAX
             self._accept(request)
         size, user = known

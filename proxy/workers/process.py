@@ -49,10 +49,15 @@ def encode(orders: Orders) -> bytes:
     return _LENGTH.pack(len(data)) + data
 
 
+class NoOrders(Exception):
+    """Stdin ended before the orders came: the primary is gone (or this was not started by
+    it)."""
+
+
 def decode(stream: BinaryIO) -> Orders:
     head = stream.read(_LENGTH.size)
     if len(head) != _LENGTH.size:
-        raise SystemExit("ocicache worker: no orders on stdin (it is started by serve --workers)")
+        raise NoOrders
     (length,) = _LENGTH.unpack(head)
     # Written by our own parent on a pipe only it holds: trusted as the parent is.
     orders = pickle.loads(stream.read(length))
@@ -109,7 +114,12 @@ async def serve(orders: Orders) -> None:
         await runner.cleanup()
         if primary_gone:
             # It could not remove its socket's directory (killed): the first worker out does.
-            shutil.rmtree(os.path.dirname(orders.socket_path), ignore_errors=True)
+            _remove_relay_dir(os.path.dirname(orders.socket_path))
+
+
+def _remove_relay_dir(path: str) -> None:
+    if os.path.basename(path).startswith("ocicache-"):  # ours, made by mkdtemp: nothing else
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def main() -> None:
@@ -119,7 +129,17 @@ def main() -> None:
     # once the primary listens, and the worker then only binds and says it is ready.
     import uvloop
 
-    orders = decode(sys.stdin.buffer)
+    relay_dir = sys.argv[1] if len(sys.argv) > 1 else None
+    try:
+        orders = decode(sys.stdin.buffer)
+    except NoOrders:
+        if relay_dir is None:
+            raise SystemExit(
+                "ocicache worker: no orders on stdin (it is started by serve --workers)"
+            ) from None
+        # The primary died while starting (a kill -9): nobody else will remove its directory.
+        _remove_relay_dir(relay_dir)
+        return
     configure(orders.settings.log_level, orders.settings.log_format)
     structlog.contextvars.bind_contextvars(worker=orders.index)
     if orders.event_loop == "uvloop":

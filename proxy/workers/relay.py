@@ -26,9 +26,10 @@ log = structlog.get_logger("ocicache.worker")
 # long as the primary lets it.
 CONNECT_TIMEOUT: Final = 5.0
 RELAY_CHUNK: Final = 256 * 1024
-# Relay connections open at once; more requests wait for one (each worker's clients are
-# bounded by max_connections_per_address already: this bounds the primary's side too).
-RELAYS_MAX: Final = 1024
+# Probes and reports: a pool of their own, so that clients holding every relayed answer open
+# (slow readers of cold blobs) never hold up what the worker itself asks; with a deadline.
+CONTROL_CONNECTIONS: Final = 16
+CONTROL_TIMEOUT: Final = 10.0
 _UNREACHABLE: Final = "the proxy's primary process cannot be reached"
 
 
@@ -44,32 +45,44 @@ class Relay:
         # connection the primary is closing as idle.
         self._keepalive = min(15.0, idle_timeout / 2)
         self._session: aiohttp.ClientSession | None = None
+        self._control: aiohttp.ClientSession | None = None
 
-    async def open(self) -> None:
+    def _pool(self, limit: int, total: float | None) -> aiohttp.ClientSession:
         connector = aiohttp.UnixConnector(
-            path=self.socket_path, limit=RELAYS_MAX, keepalive_timeout=self._keepalive
+            path=self.socket_path, limit=limit, keepalive_timeout=self._keepalive
         )
-        self._session = aiohttp.ClientSession(
+        return aiohttp.ClientSession(
             connector=connector,
-            # Connecting is bounded; waiting for a free relay connection is not (a client that
-            # waits is bounded by its own patience and our idle and header timeouts).
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT),
+            timeout=aiohttp.ClientTimeout(total=total, sock_connect=CONNECT_TIMEOUT),
             auto_decompress=False,
             skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
         )
 
+    async def open(self) -> None:
+        # Relayed requests: one connection each, as many as clients ask at once (the same
+        # load the primary would carry with one process; the socket's backlog is sized for
+        # a burst of them).
+        self._session = self._pool(0, None)
+        self._control = self._pool(CONTROL_CONNECTIONS, CONTROL_TIMEOUT)
+
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._control):
+            if session is not None:
+                await session.close()
 
     @property
     def open_(self) -> bool:
-        return self._session is not None and not self._session.closed
+        return self._control is not None and not self._control.closed
 
     @property
     def session(self) -> aiohttp.ClientSession:
         assert self._session is not None, "open() first"
         return self._session
+
+    @property
+    def control(self) -> aiohttp.ClientSession:
+        assert self._control is not None, "open() first"
+        return self._control
 
     def send(
         self, request: web.Request, *, method: str | None = None, probe: bool = False
@@ -90,7 +103,7 @@ class Relay:
             headers.append((internal.PROBE, "1"))
         url = _url(request.rel_url.raw_path, request.rel_url.raw_query_string)
         reads = request.can_read_body and not probe
-        return self.session.request(
+        return (self.control if probe else self.session).request(
             method or request.method,
             url,
             headers=headers,
@@ -136,7 +149,7 @@ class Relay:
         """A tally (:mod:`proxy.workers.tally`) to the primary; lost, not retried, if it fails."""
         try:
             headers = {internal.WORKER: str(self.index), internal.SECRET: secret}
-            async with self.session.post(_url(REPORT_PATH), data=body, headers=headers) as resp:
+            async with self.control.post(_url(REPORT_PATH), data=body, headers=headers) as resp:
                 await resp.read()
         except (aiohttp.ClientError, OSError) as exc:
             log.warning("worker_report_lost", error=str(exc))  # counts lost, never answers

@@ -33,8 +33,9 @@ HEALTHY_AFTER: Final = 60.0
 
 
 class Worker:
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, socket_path: str) -> None:
         self.index = index
+        self._socket_path = socket_path
         self.proc: asyncio.subprocess.Process | None = None
         self.started = 0.0
         self.ready = False  # listening, its signal handlers in place
@@ -58,6 +59,9 @@ class Worker:
             sys.executable,
             "-m",
             "proxy.workers",
+            # Where the primary's socket will be: the worker removes the directory if the
+            # primary dies (a kill -9) before or after giving it its orders.
+            os.path.dirname(self._socket_path),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -105,13 +109,17 @@ class Supervisor:
         self._secret = secret
         self._on_exit = on_exit  # a worker (by index) is gone: what it reported is stale
         self._port = 0
-        self.workers = [Worker(i) for i in range(1, settings.processes)]
+        self.workers = [Worker(i, socket_path) for i in range(1, settings.processes)]
         self._stopping = False
         self._watches: list[asyncio.Task[None]] = []
 
     @property
     def pids(self) -> list[int]:
         return [w.pid for w in self.workers if w.pid is not None]
+
+    @property
+    def spawned_pids(self) -> list[int]:
+        return [p.pid for w in self.workers for p in w.processes()]
 
     async def spawn(self) -> None:
         """Start the processes before the port is known: their imports then overlap the

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.web.runner import share
 from tests.support.fake_upstream import BlobFaults, FakeUpstream
 from tests.support.proxyproc import ProxyProcess, serving
 
@@ -75,22 +76,22 @@ async def _hold_connections(host: str, port: int, n: int) -> tuple[list[asyncio.
     return held, admitted
 
 
-async def test_one_address_holds_at_most_its_connections_over_all_processes(
-    fake: FakeUpstream, tmp_path: Path
-) -> None:
-    # Each process counts connections per address on its own: with N processes one address
-    # may hold N times max_connections_per_address.
+async def test_one_address_is_held_to_its_share_in_every_process(fake: FakeUpstream, tmp_path: Path) -> None:
+    # Each process counts connections per address on its own: unshared, with N processes one
+    # address could hold N times max_connections_per_address. Each holds its share (with a
+    # margin for the kernel's uneven spread: tests/workers/test_pure.py).
+    limit = 64
     cfg = tmp_path / "ocicache.yaml"
-    cfg.write_text("max_connections_per_address: 4\n")
+    cfg.write_text(f"max_connections_per_address: {limit}\n")
     async with serving(
         tmp_path / "cache", {"docker.io": fake.url}, "--workers", "2", "--config", str(cfg), logs=True
     ) as proxy:
         await worker_pids(proxy)
         host, port = proxy.host.rsplit(":", 1)
-        held, admitted = await _hold_connections(host, int(port), 32)
+        held, admitted = await _hold_connections(host, int(port), 2 * limit)
         for writer in held:
             writer.close()
-    assert admitted <= 4, f"{admitted} connections admitted from one address"
+    assert admitted <= 2 * share(limit, 2) < 2 * limit, f"{admitted} connections admitted from one address"
 
 
 async def test_connections_a_worker_refuses_are_counted_in_metrics(

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from proxy.core.config import Settings, cpu_quota
 from proxy.web.accesslog import pipe_sized
-from proxy.web.runner import Limits
+from proxy.web.runner import Limits, share
 from proxy.workers import internal, tally
 from proxy.workers.memo import Memo
 
@@ -129,11 +129,24 @@ def test_log_lines_go_out_whole_in_writes_no_larger_than_a_pipe_takes_at_once(li
 
 
 @pytest.mark.parametrize(
-    ("limit", "processes", "share"), [(256, 1, 256), (256, 2, 128), (256, 3, 86), (0, 2, 0)]
+    ("limit", "processes", "part"),
+    [(256, 1, 256), (256, 2, 162), (256, 3, 114), (4, 4, 4), (64, 2, 49), (0, 2, 0)],
 )
-def test_processes_on_one_port_share_the_per_address_limit(limit: int, processes: int, share: int) -> None:
+def test_processes_on_one_port_share_the_per_address_limit(limit: int, processes: int, part: int) -> None:
     settings = replace(Settings(), max_connections_per_address=limit)
-    assert Limits.of(settings, processes).per_address == share
+    assert Limits.of(settings, processes).per_address == part
+
+
+@pytest.mark.parametrize(("limit", "processes"), [(4, 2), (16, 2), (256, 2), (256, 4), (1000, 8)])
+def test_an_address_within_its_limit_is_all_but_never_refused_by_its_share(
+    limit: int, processes: int
+) -> None:
+    # The kernel puts each connection on a process by a hash: like a fair die per connection.
+    # The chance that some process gets more than its share of `limit` connections, exactly.
+    part = share(limit, processes)
+    p = 1 / processes
+    tail = sum(math.comb(limit, k) * p**k * (1 - p) ** (limit - k) for k in range(part + 1, limit + 1))
+    assert processes * tail < 0.01
 
 
 @pytest.mark.parametrize(
