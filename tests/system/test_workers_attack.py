@@ -7,26 +7,17 @@ import asyncio
 import os
 import signal
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
 from proxy.web.runner import share
 from tests.support.fake_upstream import BlobFaults, FakeUpstream
-from tests.support.proxyproc import ProxyProcess, serving
+from tests.support.proxyproc import serving
+from tests.system.test_workers import events, worker_pids
 
 MiB = 1024 * 1024
 CONNECTIONS = 16
-
-
-def events(proxy: ProxyProcess, name: str) -> list[dict[str, Any]]:
-    return [e for e in proxy.events if e.get("event") == name]
-
-
-async def worker_pids(proxy: ProxyProcess) -> list[int]:
-    await proxy.logged(lambda ev: any(e.get("event") == "listening" for e in ev))
-    return [e["pid"] for e in events(proxy, "worker_started")]
 
 
 async def test_a_primary_killed_mid_relay_cuts_every_client_off(fake: FakeUpstream, tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ import pytest
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.process import pidfd_exited
 from tests.support.proxyproc import ROOT, serving
-from tests.system.test_workers_attack import _hold_connections, worker_pids
+from tests.system.test_workers import worker_pids
+from tests.system.test_workers_attack import _hold_connections
 
 
 @pytest.fixture
