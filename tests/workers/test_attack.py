@@ -21,10 +21,9 @@ from proxy.web import keys
 from proxy.web.workerlink import REPORT_PATH
 from proxy.workers import front, internal, supervisor
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.images import make_image
 from tests.support.rawhttp import open_raw, read_response
 from tests.workers import test_front
-from tests.workers.test_front import ACCEPT, StartPair
+from tests.workers.test_front import ACCEPT, StartPair, sent_by_worker, tag_fetched
 
 start_pair = test_front.start_pair  # the in-process primary and worker
 
@@ -62,12 +61,7 @@ async def test_the_manifest_memo_counts_the_bytes_of_its_keys(
     # The memo is "an LRU by bytes", but an entry is sized as 200 + its body: the key, which
     # holds every Accept header the client sent (and with auth, every Authorization), is not
     # counted. A client sending big, distinct Accept headers grows the worker without bound.
-    image = make_image(seed=901)
-    fake.add_image("library/app", image, tag="v1")
-    pair = await start_pair({"docker.io": fake.url}, tag_ttl=3600)
-    url = f"{pair.worker_url}/v2/library/app/manifests/v1"
-    async with session.get(url, headers=ACCEPT) as resp:  # fetched once, then a hit
-        assert resp.status == 200
+    pair, _, url = await tag_fetched(start_pair, fake, session, seed=901)  # then hits
     filler = "x" * 7000
     for n in range(20):
         headers = [("Accept", ACCEPT["Accept"])] + [
@@ -120,13 +114,7 @@ async def test_an_evicted_blob_is_not_held_open_by_a_worker(
     data = b"evict me" * 100_000
     digest = fake.add_blob(data)
     pair = await start_pair({"docker.io": fake.url})
-    url = f"{pair.worker_url}/v2/library/app/blobs/{digest}"
-    async with session.get(url) as resp:
-        assert await resp.read() == data
-    await pair.primary.cached()
-    async with session.get(url) as resp:  # sent by the worker, from its own descriptor
-        assert await resp.read() == data
-    assert pair.log.lines and pair.log.lines[-1]["cache"] == "hit"
+    url = await sent_by_worker(pair, session, digest, data)  # from its own descriptor
     await pair.primary.app[keys.CACHE].remove(Digest.parse(digest))  # evicted
     fake._blobs.pop(digest)  # and upstream no longer has it
     pair.clock.now += internal.REUSE_MAX

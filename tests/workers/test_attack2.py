@@ -12,7 +12,7 @@ from proxy.web import keys
 from proxy.workers import internal
 from tests.support.fake_upstream import FakeUpstream
 from tests.workers import test_front
-from tests.workers.test_front import StartPair
+from tests.workers.test_front import StartPair, sent_by_worker
 
 start_pair = test_front.start_pair  # the in-process primary and worker
 
@@ -29,13 +29,7 @@ async def test_a_blob_purged_and_fetched_again_is_not_sent_from_the_old_file_by_
     data = b"layer v1 " * 100_000
     digest = fake.add_blob(data)
     pair = await start_pair({"docker.io": fake.url})
-    url = f"{pair.worker_url}/v2/library/app/blobs/{digest}"
-    async with session.get(url) as resp:
-        assert await resp.read() == data
-    await pair.primary.cached()
-    async with session.get(url) as resp:  # the worker's own answer, from its descriptor
-        assert await resp.read() == data
-    assert pair.log.lines[-1]["cache"] == "hit"
+    url = await sent_by_worker(pair, session, digest, data)  # from its own descriptor
     await pair.primary.app[keys.CACHE].remove(Digest.parse(digest), purge=True)
     async with session.get(f"{pair.primary.url}/v2/library/app/blobs/{digest}") as resp:
         assert await resp.read() == data  # fetched again: a new file under the same name

@@ -28,7 +28,7 @@ from proxy.workers import front, internal
 from proxy.workers.relay import Relay
 from tests.conftest import Proxy, ProxyTestServer, StartProxy
 from tests.support.fake_upstream import BlobFaults, FakeUpstream
-from tests.support.images import MANIFEST_ACCEPT, make_image
+from tests.support.images import MANIFEST_ACCEPT, Image, make_image
 
 ACCEPT = {"Accept": MANIFEST_ACCEPT}
 
@@ -113,6 +113,33 @@ def manifest_gets(fake: FakeUpstream) -> int:
     return fake.count(method="GET", path_contains="/manifests/")
 
 
+async def tag_fetched(
+    start_pair: StartPair, fake: FakeUpstream, session: aiohttp.ClientSession, seed: int
+) -> tuple[Pair, Image, str]:
+    """A pair (tag_ttl 3600) whose worker has relayed one pull of library/app:v1: the pair, the
+    image and the tag's URL at the worker."""
+    image = make_image(seed=seed)
+    fake.add_image("library/app", image, tag="v1")
+    pair = await start_pair({"docker.io": fake.url}, tag_ttl=3600)
+    url = f"{pair.worker_url}/v2/library/app/manifests/v1"
+    async with session.get(url, headers=ACCEPT) as resp:
+        assert resp.status == 200
+    return pair, image, url
+
+
+async def sent_by_worker(pair: Pair, session: aiohttp.ClientSession, digest: str, data: bytes) -> str:
+    """The blob's URL at the worker, once relayed (a miss), committed by the primary, and then
+    sent by the worker itself from the cache's file."""
+    url = f"{pair.worker_url}/v2/library/app/blobs/{digest}"
+    async with session.get(url) as resp:
+        assert await resp.read() == data
+    await pair.primary.cached()
+    async with session.get(url) as resp:
+        assert await resp.read() == data
+    assert pair.log.lines[-1]["cache"] == "hit"
+    return url
+
+
 async def test_a_warm_manifest_is_answered_by_the_worker_until_its_reuse_time_is_up(
     start_pair: StartPair, fake: FakeUpstream, session: aiohttp.ClientSession
 ) -> None:
@@ -143,12 +170,7 @@ async def test_a_warm_manifest_is_answered_by_the_worker_until_its_reuse_time_is
 async def test_another_accept_or_reference_is_not_the_same_request(
     start_pair: StartPair, fake: FakeUpstream, session: aiohttp.ClientSession
 ) -> None:
-    image = make_image(seed=71)
-    fake.add_image("library/app", image, tag="v1")
-    pair = await start_pair({"docker.io": fake.url}, tag_ttl=3600)
-    url = f"{pair.worker_url}/v2/library/app/manifests/v1"
-    async with session.get(url, headers=ACCEPT) as resp:
-        assert resp.status == 200
+    pair, _, url = await tag_fetched(start_pair, fake, session, seed=71)
     await pair.stop_primary_socket()
     for headers in ({"Accept": "application/vnd.oci.image.index.v1+json"}, {}):
         async with session.get(url, headers=headers) as resp:
@@ -297,11 +319,8 @@ async def test_clients_cannot_speak_for_a_worker(
 async def test_the_workers_answers_are_counted_in_the_primarys_metrics(
     start_pair: StartPair, fake: FakeUpstream, session: aiohttp.ClientSession
 ) -> None:
-    image = make_image(seed=74)
-    fake.add_image("library/app", image, tag="v1")
-    pair = await start_pair({"docker.io": fake.url}, tag_ttl=3600)
-    url = f"{pair.worker_url}/v2/library/app/manifests/v1"
-    for _ in range(4):
+    pair, _, url = await tag_fetched(start_pair, fake, session, seed=74)
+    for _ in range(3):
         async with session.get(url, headers=ACCEPT) as resp:
             assert resp.status == 200
     await pair.front.report()
